@@ -1,0 +1,291 @@
+"""The run directory: the only contract between stages.
+
+Layout (see README "Run directory")::
+
+    <workdir>/config.yaml                 resolved config (schema_version inside)
+    <workdir>/iter_XX/model.json          which model this iteration sampled with
+    <workdir>/iter_XX/<stage outputs>.jsonl
+    <workdir>/iter_XX/<stage>.done        resume ledger: one JSON line per finished id
+    <workdir>/iter_XX/<stage>.manifest.json
+    <workdir>/iter_XX/<stage>.stale       present when an earlier stage was redone
+
+Guarantees a stage gets from :class:`StageRun`:
+
+- Exactly once. Records are appended whole (write, flush, fsync) and the ids they
+  finish are appended to the ledger after them. On start, a partial trailing line (a
+  killed writer) is cut off, and records whose id is not in the ledger are dropped, so
+  a crash between the two appends redoes that id instead of duplicating it.
+- Counts are derived from the ledger (``{"id", "status": "ok"|"rejected", "reason"}``),
+  never accumulated in memory, so a resumed stage does not double them.
+- A changed config (the stage's view of it, hashed) is refused unless ``force``; with
+  ``force`` the stage starts over and every later stage of the iteration is marked stale.
+
+Paths inside records are relative to the work directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import jsonlines
+
+from ospo.config import STAGES
+
+# Which files each stage owns in an iteration directory.
+STAGE_OUTPUTS: dict[str, list[str]] = {
+    "prompts": ["prompts.jsonl"],
+    "perturb": ["variants.jsonl"],
+    "images": ["images.jsonl"],
+    "vqa": ["vqa.jsonl", "pairs.jsonl"],
+    "train": ["train_log.jsonl"],
+}
+STAGE_DIRS: dict[str, list[str]] = {"images": ["images"], "train": ["checkpoint", "train_state"]}
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (bad input, changed config, nothing to do)."""
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from the run seed and an item's identity (never its position)."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+# --- JSONL and atomic files -------------------------------------------------------------
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All complete records of a JSONL file ([] if absent). A partial last line is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    out = []
+    with jsonlines.Reader(data.decode("utf-8").splitlines()) as reader:
+        for rec in reader.iter(type=dict, skip_empty=True):
+            out.append(rec)
+    return out
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Append whole lines, then flush and fsync: a killed process leaves no half record."""
+    records = list(records)
+    if not records:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        writer = jsonlines.Writer(fh, compact=True, sort_keys=False)
+        writer.write_all(records)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, lines)
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a partial trailing line left by a killed writer."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8"))
+
+
+# --- The run directory ------------------------------------------------------------------
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def iter_dir(self, i: int) -> Path:
+        return self.root / f"iter_{i:02d}"
+
+    def iterations(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        return sorted(int(p.name[5:]) for p in self.root.glob("iter_[0-9][0-9]*") if p.name[5:].isdigit())
+
+    def is_finished(self, i: int) -> bool:
+        m = self.iter_dir(i) / "train.manifest.json"
+        return m.exists() and json.loads(m.read_text()).get("finished", False)
+
+    def default_iteration(self) -> int:
+        """The latest iteration not finished; a new one when all are."""
+        its = self.iterations()
+        if not its:
+            return 0
+        return its[-1] if not self.is_finished(its[-1]) else its[-1] + 1
+
+    def rel(self, path: str | Path) -> str:
+        return os.path.relpath(Path(path), self.root)
+
+    def abs(self, rel: str) -> Path:
+        return self.root / rel
+
+    def stage(self, iteration: int, stage: str, view: dict, *, force: bool = False) -> "StageRun":
+        return StageRun(self, iteration, stage, view, force=force)
+
+
+class StageRun:
+    """One stage in one iteration: its outputs, ledger, manifest and config check."""
+
+    def __init__(self, rundir: RunDir, iteration: int, stage: str, view: dict, *, force: bool = False):
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        self.rundir = rundir
+        self.iteration = iteration
+        self.stage = stage
+        self.dir = rundir.iter_dir(iteration)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.view = view
+        self.hash = _hash(view)
+        self.ledger_path = self.dir / f"{stage}.done"
+        self.manifest_path = self.dir / f"{stage}.manifest.json"
+        self.stale_path = self.dir / f"{stage}.stale"
+        self.outputs = {name: self.dir / name for name in STAGE_OUTPUTS[stage]}
+        self._t0 = time.time()
+        self._prev_seconds = 0.0
+        self.extra: dict[str, Any] = {}
+        self._begin(force)
+
+    # -- start: config check, stale/force handling, crash repair --
+    def _begin(self, force: bool) -> None:
+        manifest = self.read_manifest()
+        if self.stale_path.exists():
+            print(f"[{self.stage}] inputs were redone ({self.stale_path.read_text().strip()}): starting over")
+            self.clear()
+            self.stale_path.unlink()
+            manifest = None
+        elif manifest is not None and manifest.get("config_hash") != self.hash:
+            if not force:
+                changed = sorted(k for k in set(self.view) | set(manifest.get("config", {}))
+                                 if self.view.get(k) != manifest.get("config", {}).get(k))
+                raise StageError(
+                    f"{self.stage}: the config changed since {self.dir.name} ran this stage "
+                    f"(changed: {', '.join(changed)}). Use --force to redo the stage "
+                    "(later stages of this iteration are then redone too), or another --workdir."
+                )
+        if force and (manifest is not None or any(p.exists() for p in self.outputs.values())):
+            self.clear()
+            manifest = None
+            later = STAGES[STAGES.index(self.stage) + 1:]
+            for s in later:
+                if (self.dir / f"{s}.manifest.json").exists() or (self.dir / f"{s}.done").exists():
+                    (self.dir / f"{s}.stale").write_text(f"{self.stage} was redone with --force\n")
+        if manifest is not None:
+            self._prev_seconds = float(manifest.get("seconds", 0.0))
+            self.extra = dict(manifest.get("extra", {}))
+        self._repair()
+        self.done: dict[str, dict] = {e["id"]: e for e in read_jsonl(self.ledger_path)}
+
+    def clear(self) -> None:
+        import shutil
+
+        for p in [*self.outputs.values(), self.ledger_path, self.manifest_path]:
+            p.unlink(missing_ok=True)
+        for d in STAGE_DIRS.get(self.stage, []):
+            shutil.rmtree(self.dir / d, ignore_errors=True)
+
+    def _repair(self) -> None:
+        _repair_tail(self.ledger_path)
+        ids = {e["id"] for e in read_jsonl(self.ledger_path)}
+        for path in self.outputs.values():
+            _repair_tail(path)
+            recs = read_jsonl(path)
+            kept = [r for r in recs if r.get("id") in ids]
+            if len(kept) != len(recs):
+                write_jsonl_atomic(path, kept)
+
+    # -- the work --
+    def is_done(self, item_id: str) -> bool:
+        return item_id in self.done
+
+    def todo(self, ids: Iterable[str]) -> list[str]:
+        return [i for i in ids if i not in self.done]
+
+    def commit(self, records: dict[str, list[dict]] | None, ledger: list[dict]) -> None:
+        """Append records (per output file name), then their ledger entries."""
+        for name, recs in (records or {}).items():
+            append_jsonl(self.outputs[name], recs)
+        for e in ledger:
+            if "status" not in e:
+                raise ValueError("ledger entries need a status")
+        append_jsonl(self.ledger_path, ledger)
+        for e in ledger:
+            self.done[e["id"]] = e
+        self.write_manifest(finished=False)
+
+    def ok(self, item_id: str, **extra) -> dict:
+        return {"id": item_id, "status": "ok", **extra}
+
+    def reject(self, item_id: str, reason: str, **extra) -> dict:
+        return {"id": item_id, "status": "rejected", "reason": reason, **extra}
+
+    # -- the manifest --
+    def read_manifest(self) -> dict | None:
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def counts(self) -> tuple[int, int, dict[str, int]]:
+        ok = sum(1 for e in self.done.values() if e["status"] == "ok")
+        rej = Counter(e.get("reason", "unknown") for e in self.done.values() if e["status"] != "ok")
+        return ok, sum(rej.values()), dict(sorted(rej.items()))
+
+    def write_manifest(self, *, finished: bool, count_in: int | None = None) -> dict:
+        ok, rej, reasons = self.counts()
+        old = self.read_manifest() or {}
+        m = {
+            "stage": self.stage,
+            "iteration": self.iteration,
+            "config_hash": self.hash,
+            "config": self.view,
+            "finished": finished,
+            "counts": {"in": count_in if count_in is not None else old.get("counts", {}).get("in"),
+                       "out": ok, "rejected": rej},
+            "rejects": reasons,
+            "seconds": round(self._prev_seconds + time.time() - self._t0, 3),
+            "extra": self.extra,
+        }
+        atomic_write_json(self.manifest_path, m)
+        return m
+
+    def finish(self, count_in: int | None = None) -> dict:
+        return self.write_manifest(finished=True, count_in=count_in)
+
+
+def _hash(view: dict) -> str:
+    from ospo.config import config_hash
+
+    return config_hash(view)
+
+
+def require_input(path: Path, what: str, stage: str) -> list[dict]:
+    """Read an upstream stage's records, with a clear error when they are missing."""
+    if not path.exists():
+        raise StageError(f"{stage}: {path} does not exist; run the {what} stage first")
+    return read_jsonl(path)
