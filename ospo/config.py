@@ -355,8 +355,21 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a config file is a mapping of sections")
-        data = loaded
+        data = _resolve_inputs(loaded, p.parent)
     return build(data, overrides)
+
+
+INPUT_KEYS = (("prompts", "input"), ("perturb", "input"), ("vqa", "input"), ("train", "deepspeed"))
+
+
+def _resolve_inputs(data: dict, base: Path) -> dict:
+    """File paths written in a config file are relative to that file (command-line
+    overrides stay relative to the working directory)."""
+    for section, key in INPUT_KEYS:
+        val = (data.get(section) or {}).get(key)
+        if isinstance(val, str) and not Path(val).is_absolute() and (base / val).exists():
+            data[section][key] = str((base / val).resolve())
+    return data
 
 
 def dump(cfg: Config) -> str:

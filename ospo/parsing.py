@@ -11,6 +11,7 @@ as ``Prompt: ...`` / ``Objects: a, b``.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"[A-Za-z0-9']+")
@@ -139,8 +140,8 @@ def check_perturbation(original: str, perturbed: str, op: str) -> str | None:
         return "swap_changed_words"  # a swap exchanges words, it adds or removes none
     if op == "drop" and len(b) >= len(a):
         return "drop_not_shorter"
-    if op == "replace" and not (set(b) - set(a)):
-        return "replace_added_nothing"
+    if op == "replace" and not (Counter(b) - Counter(a)):
+        return "replace_added_nothing"  # a replacement brings in a word (or one more of it)
     return None
 
 

@@ -1,0 +1,194 @@
+"""Stage 1: base prompts x per sub-category, each with its object nouns (OSPO sec. 3.3).
+
+Two sources:
+
+- The model (default). Per sub-category, in-context generation: our instruction plus
+  ``num_shots`` examples asks for ``per_request`` prompts, each followed by its objects;
+  ``samples_per_forward`` requests are sampled in one batched forward. Once a sub-category
+  has ``refresh_every`` accepted prompts, its examples are drawn from accepted outputs
+  (refreshed every ``refresh_every`` accepts) so the set does not collapse onto the seeds.
+  Each candidate is parsed, validated (objects present as whole words) and deduplicated on
+  normalized text; rejects are counted by reason.
+- A user file (``prompts.input``): JSONL (``prompt``, optional ``objects``, ``id``,
+  ``category``, ``sub_category``) or plain text, one prompt per line. Prompts without
+  objects get them named by the model.
+
+Resume: every request leaves ledger entries (accepted prompt ids, or rejects that carry
+the request index), so a rerun continues with the next request index, counts are derived
+from the ledger, and rejects are not redone.
+
+Output ``prompts.jsonl``: ``id``, ``category``, ``sub_category``, ``prompt``, ``objects``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ospo import parsing, templates
+from ospo.rundir import StageError, derive_seed, read_jsonl
+
+OUT = "prompts.jsonl"
+
+
+def run(cfg, rundir, iteration, get_engine, *, force=False, limit=None) -> dict:
+    stage = rundir.stage(iteration, "prompts", cfg.stage_view("prompts"), force=force)
+    if cfg.prompts.input:
+        rows = read_user_prompts(cfg.prompts.input)  # bad input fails before the model loads
+        if limit is not None:
+            rows = rows[:limit]
+        _from_user(cfg, stage, rows, get_engine)
+        count_in = len(rows)
+    else:
+        count_in = _from_model(cfg, stage, get_engine, limit)
+    m = stage.finish(count_in=count_in)
+    if m["counts"]["out"] == 0:
+        raise StageError(f"prompts: no prompt was accepted (rejects: {m['rejects']}); see {stage.manifest_path}")
+    return m
+
+
+# --- user-supplied prompts ----------------------------------------------------------------
+
+def read_user_prompts(path: str) -> list[dict]:
+    """Read a JSONL or text file of prompts, with a clear error naming the problem."""
+    p = Path(path)
+    if not p.exists():
+        raise StageError(f"prompts.input: {p} does not exist")
+    rows: list[dict] = []
+    lines = p.read_text(encoding="utf-8").splitlines()
+    is_jsonl = p.suffix in (".jsonl", ".json") or (lines and lines[0].lstrip().startswith("{"))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if is_jsonl:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageError(f"prompts.input: {p} line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise StageError(f"prompts.input: {p} line {n} needs a string field 'prompt'")
+            if "objects" in rec and not (isinstance(rec["objects"], list) and all(isinstance(o, str) for o in rec["objects"])):
+                raise StageError(f"prompts.input: {p} line {n}: 'objects' must be a list of strings")
+            sub = rec.get("sub_category")
+            if sub is not None and sub not in templates.CATEGORY_OF:
+                raise StageError(f"prompts.input: {p} line {n}: unknown sub_category {sub!r} "
+                                 f"(known: {', '.join(templates.SUB_CATEGORIES)})")
+        else:
+            rec = {"prompt": line.strip()}
+        rec.setdefault("id", f"user-{len(rows):06d}")
+        rows.append(rec)
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise StageError(f"prompts.input: {p} has duplicate ids")
+    return rows
+
+
+def _from_user(cfg, stage, rows: list[dict], get_engine) -> None:
+    seen = {parsing.normalize(r["prompt"]) for r in read_jsonl(stage.outputs[OUT])}
+    todo = [r for r in rows if not stage.is_done(str(r["id"]))]
+    need_objects = [r for r in todo if not r.get("objects")]
+    named: dict[str, tuple[list[str] | None, str | None]] = {}
+    if need_objects:
+        eng = get_engine()
+        texts = [templates.object_naming(parsing.clean_line(r["prompt"])) for r in need_objects]
+        seeds = [derive_seed(cfg.run.seed, "objects", r["id"]) for r in need_objects]
+        outs = eng.generate_text(texts, seeds=seeds, prefix=templates.OBJECTS_PREFIX, max_new_tokens=32,
+                                 temperature=0.0, stop_newlines=1, batch_size=cfg.prompts.samples_per_forward)
+        for r, out in zip(need_objects, outs):
+            named[str(r["id"])] = parsing.parse_objects(out, parsing.clean_line(r["prompt"]),
+                                                         max_objects=cfg.prompts.max_objects)
+    for r in todo:
+        rid = str(r["id"])
+        prompt = parsing.clean_line(r["prompt"])
+        if r.get("objects"):
+            objects = list(r["objects"])
+            why = parsing.validate_objects(prompt, objects, cfg.prompts.max_objects)
+        else:
+            objects, why = named[rid]
+        if why is None and parsing.normalize(prompt) in seen:
+            why = "duplicate"
+        if why is not None:
+            stage.commit(None, [stage.reject(rid, why)])
+            continue
+        seen.add(parsing.normalize(prompt))
+        sub = r.get("sub_category") or "unspecified"
+        rec = {"id": rid, "category": r.get("category") or templates.CATEGORY_OF.get(sub, "unspecified"),
+               "sub_category": sub, "prompt": prompt, "objects": objects, "source": "user"}
+        stage.commit({OUT: [rec]}, [stage.ok(rid)])
+
+
+# --- model-written prompts ----------------------------------------------------------------
+
+def quotas(total: int, subs: list[str]) -> dict[str, int]:
+    base, extra = divmod(total, len(subs))
+    return {s: base + (1 if i < extra else 0) for i, s in enumerate(subs)}
+
+
+def few_shots(cfg, sub: str, accepted: list[tuple[str, list[str]]], request: int) -> list[tuple[str, list[str]]]:
+    """Seed examples until refresh_every prompts are accepted; then examples drawn from the
+    accepted ones, redrawn each time another refresh_every are accepted."""
+    k, every = cfg.prompts.num_shots, cfg.prompts.refresh_every
+    if len(accepted) < every:
+        return templates.SEED_EXAMPLES[sub][:k]
+    block = len(accepted) // every
+    pool = accepted[: block * every]
+    rng = random.Random(derive_seed(cfg.run.seed, "shots", sub, block))
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def _from_model(cfg, stage, get_engine, limit) -> int:
+    pc = cfg.prompts
+    total = min(pc.num_prompts, limit) if limit is not None else pc.num_prompts
+    quota = quotas(total, pc.sub_categories)
+    records = read_jsonl(stage.outputs[OUT])
+    seen = {parsing.normalize(r["prompt"]) for r in records}
+    accepted = {s: [(r["prompt"], r["objects"]) for r in records if r["sub_category"] == s] for s in pc.sub_categories}
+    next_request = {s: 0 for s in pc.sub_categories}
+    for e in stage.done.values():
+        if e.get("sub") in next_request:
+            next_request[e["sub"]] = max(next_request[e["sub"]], e.get("request", -1) + 1)
+    unmet = {}
+    bar = tqdm(total=total, initial=sum(min(len(accepted[s]), quota[s]) for s in quota), desc="prompts", unit="prompt")
+    for sub in pc.sub_categories:
+        max_requests = math.ceil(quota[sub] * pc.max_requests_factor / pc.per_request)
+        while len(accepted[sub]) < quota[sub] and next_request[sub] < max_requests:
+            eng = get_engine()
+            reqs = list(range(next_request[sub], min(next_request[sub] + pc.samples_per_forward, max_requests)))
+            shots = few_shots(cfg, sub, accepted[sub], reqs[0])
+            text = templates.prompt_writing(sub, shots, pc.per_request)
+            outs = eng.generate_text([text] * len(reqs), seeds=[derive_seed(cfg.run.seed, "prompts", sub, n) for n in reqs],
+                                     prefix=templates.PROMPT_PREFIX, max_new_tokens=pc.max_new_tokens,
+                                     temperature=pc.temperature, top_p=pc.top_p, batch_size=pc.samples_per_forward)
+            for n, out in zip(reqs, outs):
+                recs, ledger = [], []
+                cands, reasons = parsing.parse_prompt_list(out, max_objects=pc.max_objects)
+                for j, why in enumerate(reasons):
+                    ledger.append(stage.reject(f"{sub}-r{n:06d}-x{j}", why, sub=sub, request=n))
+                for j, (prompt, objects) in enumerate(cands):
+                    key = parsing.normalize(prompt)
+                    if key in seen:
+                        ledger.append(stage.reject(f"{sub}-r{n:06d}-c{j}", "duplicate", sub=sub, request=n))
+                    elif len(accepted[sub]) >= quota[sub]:
+                        ledger.append(stage.reject(f"{sub}-r{n:06d}-c{j}", "over_quota", sub=sub, request=n))
+                    else:
+                        seen.add(key)
+                        pid = f"{sub}-{len(accepted[sub]):06d}"
+                        accepted[sub].append((prompt, objects))
+                        recs.append({"id": pid, "category": templates.CATEGORY_OF[sub], "sub_category": sub,
+                                     "prompt": prompt, "objects": objects, "source": "model"})
+                        ledger.append(stage.ok(pid, sub=sub, request=n))
+                        bar.update(1)
+                stage.commit({OUT: recs}, ledger)
+            next_request[sub] = reqs[-1] + 1
+        if len(accepted[sub]) < quota[sub]:
+            unmet[sub] = f"{len(accepted[sub])}/{quota[sub]}"
+    bar.close()
+    stage.extra["quota"] = quota
+    stage.extra["quota_unmet"] = unmet
+    if unmet:
+        print(f"[prompts] quota not met after the request budget (prompts.max_requests_factor): {unmet}")
+    return total
