@@ -75,6 +75,10 @@ class PromptsConfig:
     """User-supplied prompts instead of model-written ones: a JSONL file (``prompt``, optional
     ``objects``, ``category``, ``sub_category``, ``id``) or a text file (one prompt a line).
     Prompts without objects get them named by the model."""
+    seed_examples: str | None = None
+    """JSONL of few-shot seed examples (``sub_category``, ``prompt``, ``objects``) replacing the
+    built-in ones of ``ospo.templates`` for the sub-categories it covers (ours: a domain such
+    as ShapesWorld needs examples in its own language)."""
     num_prompts: int = 20000
     """Base prompts per iteration, split evenly over ``sub_categories`` (OSPO sec. 3.3 / 4.1
     generate 20,000)."""
@@ -359,7 +363,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return build(data, overrides)
 
 
-INPUT_KEYS = (("prompts", "input"), ("perturb", "input"), ("vqa", "input"), ("train", "deepspeed"))
+INPUT_KEYS = (("prompts", "input"), ("prompts", "seed_examples"), ("perturb", "input"), ("vqa", "input"), ("train", "deepspeed"))
 
 
 def _resolve_inputs(data: dict, base: Path) -> dict:

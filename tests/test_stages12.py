@@ -257,3 +257,23 @@ def test_cli_prompts_then_perturb_then_noop(tmp_path):
     assert before == {f: (it / f).read_text() for f in before}
     r5 = _cli("--stage", "prompts", "--config", str(TINY), "--workdir", str(wd), "vqa.tau=7", cwd=ROOT)
     assert r5.returncode == 2 and "vqa.tau" in r5.stderr
+
+
+def test_seed_examples_file_replaces_builtin_shots(tmp_path):
+    f = tmp_path / "seeds.jsonl"
+    f.write_text('{"sub_category": "color", "prompt": "a red circle", "objects": ["circle"]}\n')
+    cfg = tiny_cfg(f"prompts.seed_examples={f}", "prompts.input=null", "prompts.num_prompts=1",
+                   "prompts.sub_categories=[color]")
+    seen = []
+
+    class Spy(Scripted):
+        def generate_text(self, texts, **kw):
+            seen.extend(texts)
+            return super().generate_text(texts, **kw)
+
+    eng = Spy()
+    prompts.run(cfg, RunDir(tmp_path / "run"), 0, lambda: eng)
+    assert "Prompt: a red circle\nObjects: circle" in seen[0] and "apple" not in seen[0]
+    f.write_text('{"sub_category": "color", "prompt": "a red circle", "objects": ["square"]}\n')
+    with pytest.raises(StageError, match="object_not_in_prompt"):
+        prompts.run(cfg, RunDir(tmp_path / "run2"), 0, lambda: eng)

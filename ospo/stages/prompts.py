@@ -128,12 +128,33 @@ def quotas(total: int, subs: list[str]) -> dict[str, int]:
     return {s: base + (1 if i < extra else 0) for i, s in enumerate(subs)}
 
 
-def few_shots(cfg, sub: str, accepted: list[tuple[str, list[str]]], request: int) -> list[tuple[str, list[str]]]:
+def seed_examples(cfg) -> dict[str, list[tuple[str, list[str]]]]:
+    """The built-in seed examples, replaced per sub-category by ``prompts.seed_examples``."""
+    seeds = dict(templates.SEED_EXAMPLES)
+    if cfg.prompts.seed_examples:
+        p = Path(cfg.prompts.seed_examples)
+        if not p.exists():
+            raise StageError(f"prompts.seed_examples: {p} does not exist")
+        user: dict[str, list] = {}
+        for n, rec in enumerate(read_user_prompts(str(p)), 1):
+            sub, objs = rec.get("sub_category"), rec.get("objects")
+            if sub is None or not objs:
+                raise StageError(f"prompts.seed_examples: {p} record {n} needs 'sub_category' and 'objects'")
+            why = parsing.validate_objects(rec["prompt"], objs, cfg.prompts.max_objects)
+            if why:
+                raise StageError(f"prompts.seed_examples: {p} record {n}: {why}")
+            user.setdefault(sub, []).append((rec["prompt"], objs))
+        seeds.update(user)
+    return seeds
+
+
+def few_shots(cfg, sub: str, accepted: list[tuple[str, list[str]]], request: int,
+              seeds: dict | None = None) -> list[tuple[str, list[str]]]:
     """Seed examples until refresh_every prompts are accepted; then examples drawn from the
     accepted ones, redrawn each time another refresh_every are accepted."""
     k, every = cfg.prompts.num_shots, cfg.prompts.refresh_every
     if len(accepted) < every:
-        return templates.SEED_EXAMPLES[sub][:k]
+        return (seeds or templates.SEED_EXAMPLES)[sub][:k]
     block = len(accepted) // every
     pool = accepted[: block * every]
     rng = random.Random(derive_seed(cfg.run.seed, "shots", sub, block))
@@ -144,6 +165,7 @@ def _from_model(cfg, stage, get_engine, limit) -> int:
     pc = cfg.prompts
     total = min(pc.num_prompts, limit) if limit is not None else pc.num_prompts
     quota = quotas(total, pc.sub_categories)
+    seeds = seed_examples(cfg)
     records = read_jsonl(stage.outputs[OUT])
     seen = {parsing.normalize(r["prompt"]) for r in records}
     accepted = {s: [(r["prompt"], r["objects"]) for r in records if r["sub_category"] == s] for s in pc.sub_categories}
@@ -158,7 +180,7 @@ def _from_model(cfg, stage, get_engine, limit) -> int:
         while len(accepted[sub]) < quota[sub] and next_request[sub] < max_requests:
             eng = get_engine()
             reqs = list(range(next_request[sub], min(next_request[sub] + pc.samples_per_forward, max_requests)))
-            shots = few_shots(cfg, sub, accepted[sub], reqs[0])
+            shots = few_shots(cfg, sub, accepted[sub], reqs[0], seeds)
             text = templates.prompt_writing(sub, shots, pc.per_request)
             outs = eng.generate_text([text] * len(reqs), seeds=[derive_seed(cfg.run.seed, "prompts", sub, n) for n in reqs],
                                      prefix=templates.PROMPT_PREFIX, max_new_tokens=pc.max_new_tokens,
