@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ospo import config as config_mod
+from ospo import dist
 from ospo.config import STAGES, Config, ConfigError
 from ospo.rundir import RunDir, StageError, atomic_write_json, atomic_write_text
 
@@ -76,7 +77,7 @@ def _record_model(rundir: RunDir, iteration: int, lazy: _LazyEngine, note: str) 
     d = rundir.iter_dir(iteration)
     d.mkdir(parents=True, exist_ok=True)
     path = d / "model.json"
-    if not path.exists():
+    if dist.is_main() and not path.exists():
         atomic_write_json(path, {"path": lazy.source, "how": note})
 
 
@@ -102,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args)
+        dist.init()  # a no-op for one process; under torchrun/accelerate/deepspeed: join the group
         workdir = Path(args.workdir or Path("runs") / cfg.run.name)
         rundir = RunDir(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(workdir / "config.yaml", config_mod.dump(cfg))
+        if dist.is_main():
+            workdir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(workdir / "config.yaml", config_mod.dump(cfg))
+        dist.barrier()
         lazy = _LazyEngine(cfg)
         if args.stage == "all":
             start = args.iteration if args.iteration is not None else rundir.default_iteration()
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(stage: str, iteration: int, manifest: dict) -> None:
+    if not dist.is_main():
+        return
     c = manifest.get("counts", {})
     print(f"[{stage}] iter_{iteration:02d}: in {c.get('in')}, out {c.get('out')}, "
           f"rejected {c.get('rejected')} {json.dumps(manifest.get('rejects', {}))} "

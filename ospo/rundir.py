@@ -31,7 +31,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import jsonlines
 
@@ -151,22 +151,43 @@ class RunDir:
 
 
 class StageRun:
-    """One stage in one iteration: its outputs, ledger, manifest and config check."""
+    """One stage in one iteration: its outputs, ledger, manifest and config check.
 
-    def __init__(self, rundir: RunDir, iteration: int, stage: str, view: dict, *, force: bool = False):
+    Under a launcher (world > 1) each rank appends to its own shard files
+    (``<output>.rankNNN``, ``<stage>.rankNNN.done``) and takes its share of the work in
+    whole batches (:meth:`batches`); :meth:`finish` synchronizes and rank 0 merges the
+    shards into the stage's files (ordered by id, exactly once), then every rank gets the
+    merged manifest. Ids finished by any rank in any earlier run are done, so a rerun with
+    another world size completes without duplicates. With one process there are no shards.
+    """
+
+    def __init__(self, rundir: RunDir, iteration: int, stage: str, view: dict, *, force: bool = False,
+                 rank: int | None = None, world: int | None = None):
+        from ospo import dist
+
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         self.rundir = rundir
         self.iteration = iteration
         self.stage = stage
+        self.rank = dist.rank() if rank is None else rank
+        self.world = dist.world_size() if world is None else world
         self.dir = rundir.iter_dir(iteration)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.view = view
         self.hash = _hash(view)
-        self.ledger_path = self.dir / f"{stage}.done"
         self.manifest_path = self.dir / f"{stage}.manifest.json"
         self.stale_path = self.dir / f"{stage}.stale"
-        self.outputs = {name: self.dir / name for name in STAGE_OUTPUTS[stage]}
+        # Merged (final) files, read by the next stage.
+        self.merged = {name: self.dir / name for name in STAGE_OUTPUTS[stage]}
+        self.merged_ledger = self.dir / f"{stage}.done"
+        # Files this process appends to.
+        if self.world > 1:
+            self.outputs = {name: self.dir / f"{name}.rank{self.rank:03d}" for name in self.merged}
+            self.ledger_path = self.dir / f"{stage}.rank{self.rank:03d}.done"
+        else:
+            self.outputs = dict(self.merged)
+            self.ledger_path = self.merged_ledger
         self._t0 = time.time()
         self._prev_seconds = 0.0
         self.extra: dict[str, Any] = {}
@@ -174,46 +195,69 @@ class StageRun:
 
     # -- start: config check, stale/force handling, crash repair --
     def _begin(self, force: bool) -> None:
+        from ospo import dist
+
         manifest = self.read_manifest()
-        if self.stale_path.exists():
-            print(f"[{self.stage}] inputs were redone ({self.stale_path.read_text().strip()}): starting over")
-            self.clear()
-            self.stale_path.unlink()
-            manifest = None
-        elif manifest is not None and manifest.get("config_hash") != self.hash:
-            if not force:
-                changed = sorted(k for k in set(self.view) | set(manifest.get("config", {}))
-                                 if self.view.get(k) != manifest.get("config", {}).get(k))
-                raise StageError(
-                    f"{self.stage}: the config changed since {self.dir.name} ran this stage "
-                    f"(changed: {', '.join(changed)}). Use --force to redo the stage "
-                    "(later stages of this iteration are then redone too), or another --workdir."
-                )
-        if force and (manifest is not None or any(p.exists() for p in self.outputs.values())):
-            self.clear()
-            manifest = None
-            later = STAGES[STAGES.index(self.stage) + 1:]
-            for s in later:
-                if (self.dir / f"{s}.manifest.json").exists() or (self.dir / f"{s}.done").exists():
-                    (self.dir / f"{s}.stale").write_text(f"{self.stage} was redone with --force\n")
+        if manifest is not None and not self.stale_path.exists() and manifest.get("config_hash") != self.hash and not force:
+            changed = sorted(k for k in set(self.view) | set(manifest.get("config", {}))
+                             if self.view.get(k) != manifest.get("config", {}).get(k))
+            raise StageError(
+                f"{self.stage}: the config changed since {self.dir.name} ran this stage "
+                f"(changed: {', '.join(changed)}). Use --force to redo the stage "
+                "(later stages of this iteration are then redone too), or another --workdir."
+            )
+        if self.rank == 0:
+            if self.stale_path.exists():
+                print(f"[{self.stage}] inputs were redone ({self.stale_path.read_text().strip()}): starting over")
+                self.clear()
+                self.stale_path.unlink()
+                manifest = None
+            elif force and (manifest is not None or any(p.exists() for p in self.merged.values())
+                            or self._shard_files()):
+                self.clear()
+                manifest = None
+                for s in STAGES[STAGES.index(self.stage) + 1:]:
+                    if (self.dir / f"{s}.manifest.json").exists() or (self.dir / f"{s}.done").exists():
+                        (self.dir / f"{s}.stale").write_text(f"{self.stage} was redone with --force\n")
+            self._repair(self.merged, self.merged_ledger)
+            # Shards left by a killed multi-process run: fold them in before anyone writes.
+            for name, path in self.merged.items():
+                for shard in self.dir.glob(f"{name}.rank[0-9][0-9][0-9]"):
+                    ledger = shard.with_name(f"{self.stage}.{shard.name.rsplit('.', 1)[1]}.done")
+                    self._repair({name: shard}, ledger)
+            self.merge()
+        dist.barrier()
+        manifest = self.read_manifest()
         if manifest is not None:
             self._prev_seconds = float(manifest.get("seconds", 0.0))
             self.extra = dict(manifest.get("extra", {}))
-        self._repair()
-        self.done: dict[str, dict] = {e["id"]: e for e in read_jsonl(self.ledger_path)}
+        if self.world > 1:
+            self._repair(self.outputs, self.ledger_path)
+        self.done: dict[str, dict] = {}
+        for path in [self.merged_ledger, *self._shard_ledgers()]:
+            for e in read_jsonl(path):
+                self.done.setdefault(e["id"], e)
+
+    def _shard_ledgers(self) -> list[Path]:
+        return sorted(self.dir.glob(f"{self.stage}.rank[0-9][0-9][0-9].done"))
+
+    def _shard_files(self) -> list[Path]:
+        return [p for name in self.merged for p in sorted(self.dir.glob(f"{name}.rank[0-9][0-9][0-9]"))] + self._shard_ledgers()
 
     def clear(self) -> None:
         import shutil
 
-        for p in [*self.outputs.values(), self.ledger_path, self.manifest_path]:
+        for p in [*self.merged.values(), self.merged_ledger, self.manifest_path, *self._shard_files()]:
             p.unlink(missing_ok=True)
         for d in STAGE_DIRS.get(self.stage, []):
             shutil.rmtree(self.dir / d, ignore_errors=True)
 
-    def _repair(self) -> None:
-        _repair_tail(self.ledger_path)
-        ids = {e["id"] for e in read_jsonl(self.ledger_path)}
-        for path in self.outputs.values():
+    @staticmethod
+    def _repair(outputs: dict[str, Path], ledger: Path) -> None:
+        """Cut half lines; drop records whose id the ledger does not hold (exactly once)."""
+        _repair_tail(ledger)
+        ids = {e["id"] for e in read_jsonl(ledger)}
+        for path in outputs.values():
             _repair_tail(path)
             recs = read_jsonl(path)
             kept = [r for r in recs if r.get("id") in ids]
@@ -227,17 +271,40 @@ class StageRun:
     def todo(self, ids: Iterable[str]) -> list[str]:
         return [i for i in ids if i not in self.done]
 
+    def batches(self, items: list, size: int, key=lambda x: x["id"]) -> Iterator[list]:
+        """This rank's whole batches of ``items`` (batch b goes to rank b % world), done
+        items dropped. Batches are cut from the full list, so a batch holds the same items
+        whatever the number of ranks."""
+        for b, start in enumerate(range(0, len(items), max(1, size))):
+            if b % self.world != self.rank:
+                continue
+            batch = [x for x in items[start:start + size] if key(x) not in self.done]
+            if batch:
+                yield batch
+
+    def mine(self, items: list, size: int, key=lambda x: x["id"]) -> list:
+        """The not-done items of this rank's batches, flattened."""
+        return [x for b in self.batches(items, size, key) for x in b]
+
+    def read(self, name: str) -> list[dict]:
+        """Records of an output visible to this rank: merged file plus this rank's shard."""
+        recs = read_jsonl(self.merged[name])
+        if self.world > 1:
+            recs += read_jsonl(self.outputs[name])
+        return recs
+
     def commit(self, records: dict[str, list[dict]] | None, ledger: list[dict]) -> None:
         """Append records (per output file name), then their ledger entries."""
-        for name, recs in (records or {}).items():
-            append_jsonl(self.outputs[name], recs)
         for e in ledger:
             if "status" not in e:
                 raise ValueError("ledger entries need a status")
+        for name, recs in (records or {}).items():
+            append_jsonl(self.outputs[name], recs)
         append_jsonl(self.ledger_path, ledger)
         for e in ledger:
             self.done[e["id"]] = e
-        self.write_manifest(finished=False)
+        if self.world == 1:
+            self.write_manifest(finished=False)
 
     def ok(self, item_id: str, **extra) -> dict:
         return {"id": item_id, "status": "ok", **extra}
@@ -269,13 +336,66 @@ class StageRun:
                        "out": ok, "rejected": rej},
             "rejects": reasons,
             "seconds": round(self._prev_seconds + time.time() - self._t0, 3),
+            "world_size": self.world,
             "extra": self.extra,
         }
         atomic_write_json(self.manifest_path, m)
         return m
 
-    def finish(self, count_in: int | None = None) -> dict:
-        return self.write_manifest(finished=True, count_in=count_in)
+    def merge(self) -> None:
+        """Rank 0: fold every shard into the merged files, ordered by id, exactly once."""
+        ledger: dict[str, dict] = {e["id"]: e for e in read_jsonl(self.merged_ledger)}
+        shard_ledgers = self._shard_ledgers()
+        if not shard_ledgers:
+            return
+        fresh: dict[str, dict] = {}
+        for path in shard_ledgers:
+            for e in read_jsonl(path):
+                if e["id"] not in ledger:
+                    fresh.setdefault(e["id"], e)
+        for name, path in self.merged.items():
+            recs = read_jsonl(path)
+            for shard in sorted(self.dir.glob(f"{name}.rank[0-9][0-9][0-9]")):
+                recs += [r for r in read_jsonl(shard) if r.get("id") in fresh]
+            recs = _dedupe_records(recs)
+            recs.sort(key=lambda r: str(r.get("id")))  # stable: a prompt's records keep their order
+            write_jsonl_atomic(path, recs)
+        merged = sorted({**ledger, **fresh}.values(), key=lambda e: str(e["id"]))
+        write_jsonl_atomic(self.merged_ledger, merged)
+        for p in self._shard_files():
+            p.unlink(missing_ok=True)
+
+    def finish(self, count_in: int | None = None, summarize=None) -> dict:
+        """Synchronize, merge shards (rank 0), write the final manifest; every rank returns it.
+
+        ``summarize(stage)`` runs on rank 0 after the merge and returns extra manifest
+        fields computed from the merged files.
+        """
+        from ospo import dist
+
+        dist.barrier()
+        if self.rank == 0:
+            self.merge()
+            self.done = {e["id"]: e for e in read_jsonl(self.merged_ledger)}
+            if summarize is not None:
+                self.extra.update(summarize(self))
+            m = self.write_manifest(finished=True, count_in=count_in)
+        dist.barrier()
+        if self.rank != 0:
+            m = self.read_manifest()
+            self.done = {e["id"]: e for e in read_jsonl(self.merged_ledger)}
+        return m
+
+
+def _dedupe_records(recs: list[dict]) -> list[dict]:
+    """Drop exact repeats (a crash between merge steps can leave a record twice)."""
+    seen, out = set(), []
+    for r in recs:
+        key = json.dumps(r, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def _hash(view: dict) -> str:

@@ -42,25 +42,25 @@ def run(cfg, rundir, iteration, get_engine, *, force=False, limit=None) -> dict:
         prompts = prompts[:limit]
     if not prompts:
         raise StageError(f"perturb: {stage.dir / 'prompts.jsonl'} holds no prompts")
-    todo = [p for p in prompts if not stage.is_done(p["id"])]
     n = cfg.perturb.num_variants
     per_group = max(1, cfg.perturb.batch_size // n)
-    with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="perturb", unit="prompt") as bar:
-        for start in range(0, len(todo), per_group):
-            group = todo[start:start + per_group]
+    groups = list(stage.batches(prompts, per_group))
+    with tqdm(groups, desc=f"perturb[{stage.rank}]", unit="batch", disable=not groups) as bar:
+        for group in bar:
             records = _process(cfg, group, supplied, get_engine)
             ledger = [stage.ok(r["id"]) if any("rejected" not in v for v in r["variants"])
                       else stage.reject(r["id"], "no_accepted_variant") for r in records]
             stage.commit({OUT: records}, ledger)
-            bar.update(len(group))
-    stage.extra["slot_rejects"] = dict(sorted(Counter(
-        v["rejected"] for r in read_jsonl(stage.outputs[OUT]) for v in r["variants"] if "rejected" in v).items()))
-    stage.extra["slots_accepted"] = sum(
-        1 for r in read_jsonl(stage.outputs[OUT]) for v in r["variants"] if "rejected" not in v)
-    m = stage.finish(count_in=len(prompts))
+    m = stage.finish(count_in=len(prompts), summarize=_summarize)
     if m["counts"]["out"] == 0:
-        raise StageError(f"perturb: no prompt got an accepted variant (slot rejects: {stage.extra['slot_rejects']})")
+        raise StageError(f"perturb: no prompt got an accepted variant (slot rejects: {m['extra']['slot_rejects']})")
     return m
+
+
+def _summarize(stage) -> dict:
+    slots = [v for r in read_jsonl(stage.merged[OUT]) for v in r["variants"]]
+    return {"slot_rejects": dict(sorted(Counter(v["rejected"] for v in slots if "rejected" in v).items())),
+            "slots_accepted": sum(1 for v in slots if "rejected" not in v)}
 
 
 def read_user_variants(path: str, n: int) -> dict[str, dict[int, dict]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ospo import parsing, templates
-from ospo.rundir import StageError, derive_seed, read_jsonl
+from ospo.rundir import StageError, derive_seed, read_jsonl, write_jsonl_atomic
 
 OUT = "prompts.jsonl"
 
@@ -45,7 +45,7 @@ def run(cfg, rundir, iteration, get_engine, *, force=False, limit=None) -> dict:
         count_in = len(rows)
     else:
         count_in = _from_model(cfg, stage, get_engine, limit)
-    m = stage.finish(count_in=count_in)
+    m = stage.finish(count_in=count_in, summarize=_dedupe_across_ranks)
     if m["counts"]["out"] == 0:
         raise StageError(f"prompts: no prompt was accepted (rejects: {m['rejects']}); see {stage.manifest_path}")
     return m
@@ -87,9 +87,26 @@ def read_user_prompts(path: str) -> list[dict]:
     return rows
 
 
+def _dedupe_across_ranks(stage) -> dict:
+    """After the merge (rank 0): ranks wrote in parallel, so the same text may come from two
+    of them. Keep its first record by id; turn the others into ``duplicate`` rejects."""
+    recs = read_jsonl(stage.merged[OUT])
+    seen, keep, dup = set(), [], set()
+    for r in recs:
+        key = parsing.normalize(r["prompt"])
+        (dup.add(r["id"]) if key in seen else (seen.add(key), keep.append(r)))
+    if dup:
+        ledger = [stage.reject(e["id"], "duplicate", **{k: v for k, v in e.items() if k in ("sub", "request", "tag")})
+                  if e["id"] in dup else e for e in read_jsonl(stage.merged_ledger)]
+        write_jsonl_atomic(stage.merged[OUT], keep)
+        write_jsonl_atomic(stage.merged_ledger, ledger)
+        stage.done = {e["id"]: e for e in ledger}
+    return {}
+
+
 def _from_user(cfg, stage, rows: list[dict], get_engine) -> None:
-    seen = {parsing.normalize(r["prompt"]) for r in read_jsonl(stage.outputs[OUT])}
-    todo = [r for r in rows if not stage.is_done(str(r["id"]))]
+    seen = {parsing.normalize(r["prompt"]) for r in stage.read(OUT)}
+    todo = stage.mine([dict(r, id=str(r["id"])) for r in rows], cfg.prompts.samples_per_forward)
     need_objects = [r for r in todo if not r.get("objects")]
     named: dict[str, tuple[list[str] | None, str | None]] = {}
     if need_objects:
@@ -164,52 +181,65 @@ def few_shots(cfg, sub: str, accepted: list[tuple[str, list[str]]], request: int
 def _from_model(cfg, stage, get_engine, limit) -> int:
     pc = cfg.prompts
     total = min(pc.num_prompts, limit) if limit is not None else pc.num_prompts
-    quota = quotas(total, pc.sub_categories)
+    goal = quotas(total, pc.sub_categories)
+    # Under a launcher each rank writes its share of what every sub-category still lacks
+    # (balanced), with its own request stream and id tag; duplicates across ranks are
+    # removed at merge time. One process: tag "" and the whole quota.
+    tag = "" if stage.world == 1 else f"w{stage.world}r{stage.rank}-"
     seeds = seed_examples(cfg)
-    records = read_jsonl(stage.outputs[OUT])
-    seen = {parsing.normalize(r["prompt"]) for r in records}
-    accepted = {s: [(r["prompt"], r["objects"]) for r in records if r["sub_category"] == s] for s in pc.sub_categories}
+    start_recs = stage.read(OUT)  # merged records of earlier runs (leftover shards were folded in)
+    seen = {parsing.normalize(r["prompt"]) for r in start_recs}
+    context = {s: [(r["prompt"], r["objects"]) for r in start_recs if r["sub_category"] == s] for s in pc.sub_categories}
+    have = {s: len(context[s]) for s in pc.sub_categories}
+    quota = {s: quotas(max(0, goal[s] - have[s]), list(range(stage.world)))[stage.rank] for s in pc.sub_categories}
+    budget = {s: math.ceil(quotas(goal[s], list(range(stage.world)))[stage.rank] * pc.max_requests_factor
+                           / pc.per_request) for s in pc.sub_categories}
     next_request = {s: 0 for s in pc.sub_categories}
+    next_id = {s: 0 for s in pc.sub_categories}
     for e in stage.done.values():
-        if e.get("sub") in next_request:
+        if e.get("sub") in next_request and e.get("tag", "") == tag:
             next_request[e["sub"]] = max(next_request[e["sub"]], e.get("request", -1) + 1)
+            next_id[e["sub"]] += e["status"] == "ok"
     unmet = {}
-    bar = tqdm(total=total, initial=sum(min(len(accepted[s]), quota[s]) for s in quota), desc="prompts", unit="prompt")
+    bar = tqdm(total=sum(quota.values()), desc=f"prompts[{stage.rank}]", unit="prompt")
     for sub in pc.sub_categories:
-        max_requests = math.ceil(quota[sub] * pc.max_requests_factor / pc.per_request)
-        while len(accepted[sub]) < quota[sub] and next_request[sub] < max_requests:
+        written = 0
+        while written < quota[sub] and next_request[sub] < budget[sub]:
             eng = get_engine()
-            reqs = list(range(next_request[sub], min(next_request[sub] + pc.samples_per_forward, max_requests)))
-            shots = few_shots(cfg, sub, accepted[sub], reqs[0], seeds)
+            reqs = list(range(next_request[sub], min(next_request[sub] + pc.samples_per_forward, budget[sub])))
+            shots = few_shots(cfg, sub, context[sub], reqs[0], seeds)
             text = templates.prompt_writing(sub, shots, pc.per_request)
-            outs = eng.generate_text([text] * len(reqs), seeds=[derive_seed(cfg.run.seed, "prompts", sub, n) for n in reqs],
+            outs = eng.generate_text([text] * len(reqs), seeds=[derive_seed(cfg.run.seed, "prompts", sub, tag, n) for n in reqs],
                                      prefix=templates.PROMPT_PREFIX, max_new_tokens=pc.max_new_tokens,
                                      temperature=pc.temperature, top_p=pc.top_p, batch_size=pc.samples_per_forward)
             for n, out in zip(reqs, outs):
                 recs, ledger = [], []
                 cands, reasons = parsing.parse_prompt_list(out, max_objects=pc.max_objects)
+                info = {"sub": sub, "request": n, "tag": tag}
                 for j, why in enumerate(reasons):
-                    ledger.append(stage.reject(f"{sub}-r{n:06d}-x{j}", why, sub=sub, request=n))
+                    ledger.append(stage.reject(f"{sub}-{tag}r{n:06d}-x{j}", why, **info))
                 for j, (prompt, objects) in enumerate(cands):
                     key = parsing.normalize(prompt)
                     if key in seen:
-                        ledger.append(stage.reject(f"{sub}-r{n:06d}-c{j}", "duplicate", sub=sub, request=n))
-                    elif len(accepted[sub]) >= quota[sub]:
-                        ledger.append(stage.reject(f"{sub}-r{n:06d}-c{j}", "over_quota", sub=sub, request=n))
+                        ledger.append(stage.reject(f"{sub}-{tag}r{n:06d}-c{j}", "duplicate", **info))
+                    elif written >= quota[sub]:
+                        ledger.append(stage.reject(f"{sub}-{tag}r{n:06d}-c{j}", "over_quota", **info))
                     else:
                         seen.add(key)
-                        pid = f"{sub}-{len(accepted[sub]):06d}"
-                        accepted[sub].append((prompt, objects))
+                        pid = f"{sub}-{tag}{next_id[sub]:06d}"
+                        next_id[sub] += 1
+                        written += 1
+                        context[sub].append((prompt, objects))
                         recs.append({"id": pid, "category": templates.CATEGORY_OF[sub], "sub_category": sub,
                                      "prompt": prompt, "objects": objects, "source": "model"})
-                        ledger.append(stage.ok(pid, sub=sub, request=n))
+                        ledger.append(stage.ok(pid, **info))
                         bar.update(1)
                 stage.commit({OUT: recs}, ledger)
             next_request[sub] = reqs[-1] + 1
-        if len(accepted[sub]) < quota[sub]:
-            unmet[sub] = f"{len(accepted[sub])}/{quota[sub]}"
+        if written < quota[sub]:
+            unmet[sub] = f"{have[sub] + written}/{goal[sub]}"
     bar.close()
-    stage.extra["quota"] = quota
+    stage.extra["quota"] = goal
     stage.extra["quota_unmet"] = unmet
     if unmet:
         print(f"[prompts] quota not met after the request budget (prompts.max_requests_factor): {unmet}")
