@@ -26,6 +26,7 @@ Paths inside records are relative to the work directory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -102,8 +103,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(path, lines)
+    """Replace a JSONL file at once, in the same line format :func:`append_jsonl` writes."""
+    buf = io.StringIO()
+    with jsonlines.Writer(buf, compact=True, sort_keys=False) as writer:
+        writer.write_all(records)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _repair_tail(path: Path) -> None:
@@ -365,6 +369,15 @@ class StageRun:
         for p in self._shard_files():
             p.unlink(missing_ok=True)
 
+    def _order_by_id(self) -> None:
+        """Finished outputs are ordered by id (stable, so an id's records keep their order),
+        whatever the number of ranks that wrote them: 1 and N processes give the same files."""
+        for path in [*self.merged.values(), self.merged_ledger]:
+            recs = read_jsonl(path)
+            keys = [str(r.get("id")) for r in recs]
+            if keys != sorted(keys):
+                write_jsonl_atomic(path, sorted(recs, key=lambda r: str(r.get("id"))))
+
     def finish(self, count_in: int | None = None, summarize=None) -> dict:
         """Synchronize, merge shards (rank 0), write the final manifest; every rank returns it.
 
@@ -376,6 +389,7 @@ class StageRun:
         dist.barrier()
         if self.rank == 0:
             self.merge()
+            self._order_by_id()
             self.done = {e["id"]: e for e in read_jsonl(self.merged_ledger)}
             if summarize is not None:
                 self.extra.update(summarize(self))
