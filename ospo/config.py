@@ -206,10 +206,14 @@ class VqaConfig:
 @dataclass(config=_STRICT)
 class TrainConfig:
     loss: Literal["obj_simpo", "simpo", "sft"] = "obj_simpo"
-    """``obj_simpo`` (OSPO sec. 3.7), ``simpo`` (alpha = 0), or ``sft`` only (ablation sec. 5.1)."""
+    """``obj_simpo`` (OSPO sec. 3.7), ``simpo`` (alpha = 0), or ``sft`` only (ablation sec. 5.1).
+    The paper's loss ablations: plain SimPO = ``loss=simpo sft_weight=0``; weighted SimPO =
+    ``loss=obj_simpo sft_weight=0``; SFT on/off = ``sft_weight`` 2 / 0."""
     variant: Literal["paper", "normalized"] = "paper"
     """``paper``: r = (1/|y|) sum_t beta (1 + alpha m_t) log p (OSPO sec. 3.7). ``normalized``:
-    the public code's r = beta sum_t w_t log p / sum_t w_t, with smoothed masks."""
+    the public code's r = beta sum_t w_t log p / sum_t w_t, with smoothed masks. Its preset
+    (the public code's values): ``train.variant=normalized train.beta=5 train.gamma=2.5
+    train.mask_smoothing=1.0``. See :mod:`ospo.losses`."""
     alpha: float = 1.0
     """Object-token weight (OSPO sec. 3.7: 1)."""
     beta: float = 0.5
@@ -238,19 +242,29 @@ class TrainConfig:
     epochs: float = 1000.0
     """Upper bound on passes over pairs.jsonl; training stops at whichever comes first."""
     grad_clip: float = 1.0
+    """Max global gradient norm (public code: 1.0); 0 disables clipping."""
     gradient_checkpointing: bool = True
+    """Recompute the language model's layers in backward (public code: on). Saves activation
+    memory on GPU; costs ~30-50% more time per step (bench/bench_train.py)."""
     bf16: Literal["auto", "true", "false"] = "auto"
-    """auto: bf16 on CUDA, fp32 on CPU."""
+    """auto: bf16 on CUDA, fp32 on CPU. Plain torch trains fp32 master weights under bf16
+    autocast; DeepSpeed takes its ``bf16`` section (``"auto"`` filled from this)."""
     lora: bool = False
     """Full fine-tuning by default; LoRA via PEFT on the language model's projections
     (public code: r 64, alpha 128), merged into the weights when saved."""
     lora_r: int = 64
     lora_alpha: int = 128
     deepspeed: str | None = None
-    """A DeepSpeed JSON (``configs/deepspeed/zero2.json``) or None for plain torch."""
+    """A DeepSpeed JSON (``configs/deepspeed/zero2.json`` / ``zero3.json``; relative to the config
+    file, the working directory or the package's ``configs/``) or None for plain torch. Its
+    ``"auto"`` values (micro batch, accumulation, clipping, bf16) are filled from these fields.
+    A single process without a launcher runs as rank 0 of a 1-rank group (gloo on CPU)."""
     log_every: int = 1
+    """Append a train_log.jsonl record every this many optimizer steps (and at the last)."""
     save_every: int = 0
-    """Save resumable training state every this many steps (0: only at the end)."""
+    """Save resumable training state (``train_state/``: weights, optimizer, scheduler, step,
+    RNG) every this many steps; 0: never, a killed run restarts from step 0. The final
+    result is always ``checkpoint/``."""
 
     def __post_init__(self):
         _check(self.beta > 0, "train.beta", "must be > 0")
@@ -261,6 +275,11 @@ class TrainConfig:
         for k in ("micro_batch_size", "grad_accum", "max_steps", "lora_r", "log_every"):
             _check(getattr(self, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(self, k)}")
         _check(self.mask_smoothing >= 0, "train.mask_smoothing", "must be >= 0")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.epochs > 0, "train.epochs", "must be > 0")
+        _check(0 <= self.min_learning_rate <= self.learning_rate, "train.min_learning_rate",
+               "must be in [0, train.learning_rate]")
 
 
 @dataclass(config=_STRICT)

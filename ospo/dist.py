@@ -58,3 +58,42 @@ def broadcast_object(obj):
     box = [obj]
     td.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def ensure_process_group_env() -> bool:
+    """Make a lone process look like rank 0 of a 1-process launch.
+
+    DeepSpeed wants a process group even for one process; without the launcher's
+    variables it probes MPI (and fails without mpi4py). Under a launcher nothing changes.
+    Returns True when the variables were set here.
+    """
+    need = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    if all(k in os.environ for k in need) or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return False
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                 ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    return True
+
+
+def all_reduce_mean(values: list[float], device=None) -> list[float]:
+    """Mean of each value over ranks (identity for one process)."""
+    if not (td.is_available() and td.is_initialized() and td.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    td.all_reduce(t)
+    return (t / td.get_world_size()).tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's object, in rank order (``[obj]`` for one process)."""
+    if not (td.is_available() and td.is_initialized() and td.get_world_size() > 1):
+        return [obj]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out

@@ -6,7 +6,11 @@
 
 ``--stage all`` loads the model once and runs stages 1-5 for ``--iterations`` K
 iterations (default ``run.iterations``), each iteration sampling with the model the
-previous one trained. A single stage runs in ``--iteration`` I, by default the latest
+previous one trained: in memory when that iteration trained in this process (stage 5 hands
+its model over), else loaded from ``iter_<i-1>/checkpoint`` (a resumed run, or ZeRO-3,
+whose partitioned weights are dropped). ``iter_XX/model.json`` records the path and which
+way it came. A stage that cannot run (e.g. an iteration that kept no pair) stops the loop
+with exit code 2. A single stage runs in ``--iteration`` I, by default the latest
 iteration not finished.
 """
 
@@ -82,11 +86,29 @@ def _record_model(rundir: RunDir, iteration: int, lazy: _LazyEngine, note: str) 
 
 
 def run_stage(stage: str, cfg: Config, rundir: RunDir, iteration: int, lazy: _LazyEngine, *, force: bool, limit):
-    try:
-        mod = importlib.import_module(f"ospo.stages.{stage}")
-    except ModuleNotFoundError:
-        raise StageError(f"stage {stage!r} is not implemented yet") from None
+    mod = importlib.import_module(f"ospo.stages.{stage}")
     return mod.run(cfg, rundir, iteration, lazy, force=force, limit=limit)
+
+
+def _select_model(lazy: _LazyEngine, path: str, how: str) -> str:
+    """Point the lazy engine at ``path``; keep the model in memory only when it IS that one.
+
+    Stage 5 leaves the model it trained in ``lazy.engine`` with ``lazy.source`` set to its
+    checkpoint; anything else in memory (the previous iteration's sampler, or nothing after
+    a ZeRO-3 run, which drops its partitioned model) is (re)loaded from ``path``."""
+    same = lazy.source is not None and _same_path(lazy.source, path)
+    if lazy.engine is not None and same:
+        how += ", in memory (trained in this process)"
+    else:
+        lazy.engine = None
+        how += ", loaded from disk"
+    lazy.source = path
+    return how
+
+
+def _same_path(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    return pa == pb or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
 
 
 def _model_for_iteration(rundir: RunDir, iteration: int, cfg: Config) -> tuple[str, str]:
@@ -114,12 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "all":
             start = args.iteration if args.iteration is not None else rundir.default_iteration()
             for it in range(start, start + cfg.run.iterations):
-                lazy_path, how = _model_for_iteration(rundir, it, cfg)
-                if lazy.engine is not None and lazy.source != lazy_path:
-                    # The trained model is in memory already (stage 5 swapped it in).
-                    how += " (in memory)"
-                lazy.source = lazy_path
+                path, how = _model_for_iteration(rundir, it, cfg)
+                how = _select_model(lazy, path, how)
                 _record_model(rundir, it, lazy, how)
+                if dist.is_main():
+                    print(f"[ospo] iter_{it:02d} samples with {path} ({how})")
                 for stage in STAGES:
                     m = run_stage(stage, cfg, rundir, it, lazy, force=args.force, limit=args.limit)
                     _report(stage, it, m)

@@ -1,0 +1,210 @@
+"""The capturing attention function: stock sdpa output, plus object-attention maps on the side.
+
+Registered with transformers' ``AttentionInterface`` AND ``AttentionMaskInterface`` under
+:data:`NAME` (without the mask registration the function silently receives ``mask=None``,
+see ../shared/janus-notes.md). :func:`capturing` switches the language model (only) to it
+for the duration of a ``with`` block and arms an :class:`ObjectAttentionCapture`; outside
+the block the model runs its own implementation.
+
+What a call computes:
+
+1. The attention output, by calling transformers' own ``sdpa_attention_forward`` with the
+   same arguments: the output is the stock sdpa output, bit for bit.
+2. On the armed layers only, for the armed (conditional) rows only, for the last ``q_take``
+   query positions only: softmax(q k^T * scale + mask) over all key columns (the normalizer
+   needs them all), averaged over heads, and the probabilities on the prompt columns
+   ``[0, P)`` summed into a buffer ``(rows, steps, P)`` at step ``t``. Object spans are applied
+   at the end (:meth:`ObjectAttentionCapture.object_maps`): per object, the mean over its
+   span tokens (every occurrence), then divided by the number of layers (mean over layers).
+
+Handled: grouped-query heads (queries grouped per key/value head, no ``repeat_kv``), boolean
+(True = attend) and additive float masks of shape ``(B, 1|H, Q, KV)``, the unused tail of a
+static cache (masked out by the mask; with ``mask=None`` the sdpa rules are mirrored: a
+causal prefill sees keys ``[0, Q)`` upper-left aligned, a single query sees every key), left
+padding (the caller gives span columns in padded coordinates).
+
+One decode step costs, per armed layer, one small batched matmul + softmax over the key
+length for half the rows and one query: cheap next to the forward itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+NAME = "ospo_capture"
+_STATE = threading.local()
+_REGISTERED = False
+
+
+def register() -> str:
+    """Register :data:`NAME` with both interfaces (idempotent); returns the name."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, capture_attention_forward)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _REGISTERED = True
+    return NAME
+
+
+def active() -> "ObjectAttentionCapture | None":
+    return getattr(_STATE, "capture", None)
+
+
+class ObjectAttentionCapture:
+    """What to record, and the buffer it is recorded into.
+
+    Args:
+        layers: decoder layer indices to average over.
+        columns: per captured row, per object, the key column indices (padded coordinates,
+            all inside the prompt ``[0, prompt_len)``) of the object's tokens; an empty list
+            for an object not found.
+        prompt_len: P, the padded prompt length (columns recorded: ``[0, P)``).
+        steps: query steps to record (the number of visual tokens).
+        rows: the captured batch rows are ``0 .. rows-1`` (the conditional half of a CFG
+            batch laid out ``[cond; uncond]``); defaults to ``len(columns)``.
+
+    The sampler sets :attr:`t` (the step the next forward's first recorded query belongs to)
+    and :attr:`q_take` (how many trailing queries of the forward to record) before each forward.
+    """
+
+    def __init__(self, layers: Sequence[int], columns: Sequence[Sequence[Sequence[int]]], *,
+                 prompt_len: int, steps: int, device=None, rows: int | None = None):
+        self.layers = sorted(set(int(i) for i in layers))
+        if not self.layers:
+            raise ValueError("capture needs at least one layer")
+        self._layer_set = set(self.layers)
+        self.columns = [[list(c) for c in row] for row in columns]
+        self.rows = len(self.columns) if rows is None else rows
+        if self.rows != len(self.columns):
+            raise ValueError("one column list per captured row")
+        self.prompt_len = int(prompt_len)
+        self.steps = int(steps)
+        self.device = device
+        self.buf = torch.zeros((self.rows, self.steps, self.prompt_len), dtype=torch.float32, device=device)
+        self.t = 0
+        self.q_take = 1
+        self._mask_src = self._mask_key = self._mask_add = None
+
+    # called from the attention function
+    def _additive_mask(self, mask, causal, R, Hkv, rep, n, Q, KV, dtype, device):
+        """The mask as an additive (0 / -inf) tensor broadcastable to ``(R * Hkv, rep * n, KV)``.
+        Built once per forward (every layer receives the same mask object) and reused."""
+        key = (self.t, n, Q, KV, dtype, causal)  # a sampler may grow one mask in place per step
+        if mask is self._mask_src and key == self._mask_key:
+            return self._mask_add
+        if mask is None:
+            add = None
+            if Q > 1 and causal:  # sdpa's is_causal: upper-left aligned over keys [0, Q)
+                qi = torch.arange(Q - n, Q, device=device)[:, None]
+                kj = torch.arange(KV, device=device)[None, :]
+                add = torch.zeros((1, 1, n, KV), dtype=dtype, device=device).masked_fill_(~(kj <= qi), float("-inf"))
+                add = add.expand(1, rep, n, KV).reshape(1, rep * n, KV)
+        else:
+            m = mask[:R, :, Q - n:, :KV]
+            if m.dtype == torch.bool:
+                add = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
+            else:
+                add = m.to(dtype)
+            if add.shape[1] == 1:  # one mask for all heads: repeat it for the rep heads of a group
+                add = add.unsqueeze(1).expand(R, Hkv, rep, n, KV)
+            add = add.reshape(R * Hkv, rep * n, KV)
+        self._mask_src, self._mask_key, self._mask_add = mask, key, add
+        return add
+
+    def record(self, module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float | None, is_causal: bool | None) -> None:
+        R, n = self.rows, min(self.q_take, query.shape[2])
+        if self.t + n > self.steps:
+            raise RuntimeError(f"capture: step {self.t} + {n} queries exceeds the {self.steps} steps armed")
+        _, H, Q, D = query.shape
+        Hkv = key.shape[1]
+        rep = H // Hkv
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        k = key[:R]
+        if mask is None and Q > 1 and causal:
+            k = k[:, :, :Q]  # sdpa crops an empty static-cache tail at prefill
+        KV = k.shape[2]
+        # grouped-query heads: the rep query heads of a key/value head are stacked as rows, so
+        # one batched matmul over (row, kv head) covers every head without repeat_kv
+        q = query[:R, :, Q - n:].reshape(R * Hkv, rep * n, D)
+        kt = k.reshape(R * Hkv, KV, D).transpose(1, 2)
+        scale = scaling if scaling is not None else D ** -0.5
+        add = self._additive_mask(mask, causal, R, Hkv, rep, n, Q, KV, q.dtype, q.device)
+        s = torch.bmm(q, kt) * scale if add is None else torch.baddbmm(add, q, kt, alpha=scale)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32)  # (R * Hkv, rep * n, KV)
+        P = min(self.prompt_len, KV)
+        p = p.view(R, H, n, KV)[..., :P].sum(1)  # (R, n, P): summed over heads
+        self.buf[:, self.t:self.t + n, :P].add_(p, alpha=1.0 / H)
+
+    # results
+    def object_maps(self) -> list[list[torch.Tensor | None]]:
+        """Per row, per object: the ``(steps,)`` map (mean over the object's tokens, heads and
+        layers), or None for an object without columns."""
+        per_layer = self.buf / len(self.layers)
+        out: list[list[torch.Tensor | None]] = []
+        for r, objs in enumerate(self.columns):
+            row = []
+            for cols in objs:
+                if not cols:
+                    row.append(None)
+                    continue
+                idx = torch.tensor(cols, dtype=torch.long, device=per_layer.device)
+                row.append(per_layer[r].index_select(-1, idx).mean(-1))
+            out.append(row)
+        return out
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """``sdpa_attention_forward`` plus, when a capture is armed on this layer, the recording."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 is_causal=is_causal, **kwargs)
+    cap = active()
+    if cap is not None and getattr(module, "layer_idx", None) in cap._layer_set:
+        with torch.no_grad():
+            cap.record(module, query, key, attention_mask, scaling, is_causal)
+    return out
+
+
+def language_model_config(model):
+    """The text (language model) config the attention layers read their implementation from."""
+    return model.model.language_model.config
+
+
+@contextmanager
+def capturing(model, capture: ObjectAttentionCapture | None):
+    """Run the language model of ``model`` with :data:`NAME` and ``capture`` armed.
+
+    With ``capture=None`` the model is left untouched (its own attention implementation).
+    The previous implementation is restored on exit, errors included.
+    """
+    if capture is None:
+        yield None
+        return
+    register()
+    cfg = language_model_config(model)
+    old_impl = cfg._attn_implementation
+    prev = active()
+    cfg._attn_implementation = NAME
+    _STATE.capture = capture
+    try:
+        yield capture
+    finally:
+        _STATE.capture = prev
+        cfg._attn_implementation = old_impl
+
+
+def default_layers(num_layers: int, skip: int) -> list[int]:
+    """Layers ``[s, L - s)`` with s clamped so that at least one layer remains (OSPO sec. 3.5.2
+    uses s = 5 on 24/30-layer models; a 6-layer test model with s = 5 keeps its middle)."""
+    s = max(0, min(int(skip), (num_layers - 1) // 2))
+    return list(range(s, num_layers - s))

@@ -1,0 +1,265 @@
+"""Batched classifier-free-guidance image sampling with object-attention capture (stage 3).
+
+:func:`sample_images` is the loop ``JanusForConditionalGeneration.generate(generation_mode=
+"image")`` runs, rewritten for three things generate does not do:
+
+- prompts of different lengths in one batch: left padding with a correct attention mask and
+  explicit position ids (generate's CFG path passes the mask but the reference DeepSeek loop
+  does not);
+- one random stream per image: row i draws its ``num_image_tokens`` uniforms up front from a
+  ``torch.Generator`` seeded with ``seeds[i]`` and samples token t by inverse CDF
+  (``searchsorted(cumsum(p), u_t)``), so an image depends on its seed only, never on its
+  batch neighbours (generate draws one stream for the whole batch); temperature 0 is greedy;
+- object-attention maps captured while sampling (:mod:`ospo.attention`), on the conditional
+  rows, no second pass.
+
+Layout per batch of B prompts: 2B rows ``[cond; uncond]``; an uncond row is its cond row with
+every token except BOS and ``<begin_of_image>`` replaced by pad (generate's rule), same
+attention mask. CFG on the generation head's logits: ``uncond + s * (cond - uncond)``
+(transformers' ``ClassifierFreeGuidanceLogitsProcessor``), then temperature. The KV cache is a
+transformers ``StaticCache`` of length P + T (P the padded prompt length, T the number of
+visual tokens): allocated once per batch, never grown. The prompt is embedded with the text
+embeddings, visual tokens with ``prepare_embeddings_for_image_generation``; the language
+model's last hidden state goes through ``model.model.generation_head``.
+
+:func:`teacher_forced_maps` is the second mask source (``images.mask_source:
+teacher_forced``): one causal forward over ``[x ; tokens[:-1]]`` with the same capture.
+:func:`teacher_forced_cfg_logits` is the check of any sampling loop (janus-notes.md): its
+argmax reproduces greedy sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ospo.attention import ObjectAttentionCapture, capturing
+from ospo.masks import span_columns
+
+
+@dataclass
+class CaptureSpec:
+    """What to capture for a call of :func:`sample_images`.
+
+    ``spans[i][o]`` are the ``[start, end)`` token spans of object o in ``input_ids[i]``
+    (unpadded coordinates; [] when the object is absent). ``layers``: decoder layers averaged.
+    """
+
+    layers: list[int]
+    spans: list[list[list[list[int]]]]
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int]
+    """The sampled visual token ids, generation order (row-major over the grid)."""
+    maps: list[np.ndarray | None] | None = None
+    """Per object, the soft map as a flat float32 array of length grid * grid (mean attention
+    over the object's span tokens, heads and layers); None for an object without spans. None
+    when nothing was captured."""
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _lm(engine):
+    return engine.model.model.language_model
+
+
+def _row_generators(seeds: Sequence[int], device) -> list[torch.Generator]:
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+def _uncond(engine, ids: torch.Tensor) -> torch.Tensor:
+    """generate's unconditional rows: pad everywhere except BOS and <begin_of_image>."""
+    keep = (ids == engine.ids.bos) | (ids == engine.ids.boi)
+    return torch.where(keep, ids, torch.full_like(ids, engine.ids.pad))
+
+
+def _columns(spans_rows, lens, P):
+    """Per row, per object: key columns in padded coordinates (left padding shifts by P - len)."""
+    return [[[P - n + c for c in span_columns(obj)] for obj in row] for row, n in zip(spans_rows, lens)]
+
+
+def _new_static_cache(engine, max_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=_lm(engine).config, max_cache_len=max_len)
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_images(engine, input_ids: list[list[int]], seeds: list[int], *, guidance_scale: float,
+                  temperature: float = 1.0, batch_size: int = 16,
+                  capture: CaptureSpec | None = None) -> list[SampleResult]:
+    """Sample one image's visual tokens per prompt (ids from :meth:`Engine.image_prompt_ids`).
+
+    ``batch_size`` prompts per step (2 * batch_size rows with the uncond ones). With ``capture``
+    each result carries its per-object soft maps.
+    """
+    if len(seeds) != len(input_ids):
+        raise ValueError("one seed per prompt")
+    if capture is not None and len(capture.spans) != len(input_ids):
+        raise ValueError("capture.spans needs one entry per prompt")
+    if guidance_scale <= 1.0:
+        raise ValueError("guidance_scale must be > 1 (1 disables CFG)")
+    out: list[SampleResult] = []
+    for a in range(0, len(input_ids), max(1, batch_size)):
+        sl = slice(a, a + max(1, batch_size))
+        spans = capture.spans[sl] if capture is not None else None
+        out += _sample_batch(engine, input_ids[sl], seeds[sl], guidance_scale, temperature,
+                             capture.layers if capture is not None else None, spans)
+    return out
+
+
+def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, spans_rows):
+    model = engine.model
+    lm = _lm(engine)
+    dev = engine.device
+    T = engine.num_image_tokens
+    B = len(ids_rows)
+    lens = [len(r) for r in ids_rows]
+    ids, mask, pos = engine.left_pad(ids_rows)
+    P = ids.shape[1]
+    both = torch.cat([ids, _uncond(engine, ids)], dim=0)
+    mask2 = torch.cat([mask, mask], dim=0)
+    # Decode steps get a ready 4D boolean mask (True = attend) that grows in place by one
+    # column per step: no per-step mask construction. Columns past the written cache stay False
+    # (the unused static-cache tail is never attended). The prefill takes the 2D mask and
+    # transformers' own causal-mask builder.
+    step_mask = torch.zeros((2 * B, 1, 1, P + T), dtype=torch.bool, device=dev)
+    step_mask[:, 0, 0, :P] = mask2.bool()
+    step_pos = torch.cat([pos, pos], dim=0)
+    next_pos = torch.tensor(lens + lens, dtype=torch.long, device=dev).unsqueeze(-1)  # position of token 0
+    gens = _row_generators(seeds, dev)
+    uniforms = torch.stack([torch.rand(T, generator=g, device=dev) for g in gens]) if temperature > 0 else None
+    tokens = torch.zeros((B, T), dtype=torch.long, device=dev)
+    cap = None
+    if layers is not None:
+        cap = ObjectAttentionCapture(layers, _columns(spans_rows, lens, P), prompt_len=P, steps=T, device=dev)
+    cache = _new_static_cache(engine, P + T)
+    emb = model.get_input_embeddings()(both)
+    head = model.model.generation_head
+    with capturing(model, cap), engine.autocast():
+        for i in range(T):
+            if cap is not None:
+                cap.t, cap.q_take = i, 1
+            if i == 0:
+                am = mask2
+            else:
+                step_mask[:, :, :, P + i - 1] = True  # the visual token fed at this step
+                am = step_mask
+            outp = lm(inputs_embeds=emb, attention_mask=am, position_ids=step_pos, past_key_values=cache,
+                      use_cache=True)
+            logits = head(outp.last_hidden_state[:, -1, :]).float()
+            cond, unc = logits[:B], logits[B:]
+            guided = unc + (cond - unc) * guidance_scale
+            if temperature > 0:
+                probs = torch.softmax(guided / temperature, dim=-1)
+                cdf = probs.cumsum(-1)
+                nxt = torch.searchsorted(cdf, uniforms[:, i:i + 1].contiguous(), right=True).squeeze(-1)
+                nxt = nxt.clamp_(max=guided.shape[-1] - 1)
+            else:
+                nxt = guided.argmax(-1)
+            tokens[:, i] = nxt
+            if i + 1 < T:
+                emb = model.prepare_embeddings_for_image_generation(torch.cat([nxt, nxt]).unsqueeze(-1))
+                step_pos = next_pos + i
+    toks = tokens.cpu().tolist()
+    if cap is None:
+        return [SampleResult(tokens=t) for t in toks]
+    maps = cap.object_maps()
+    return [SampleResult(tokens=t, maps=[None if m is None else m.float().cpu().numpy().astype(np.float32)
+                                         for m in row]) for t, row in zip(toks, maps)]
+
+
+# --- teacher-forced passes -----------------------------------------------------------------------
+
+def _teacher_forced_inputs(engine, input_ids, tokens, *, cfg: bool):
+    model = engine.model
+    T = len(tokens[0])
+    ids, mask, pos = engine.left_pad(input_ids)
+    B, P = ids.shape
+    if cfg:
+        ids = torch.cat([ids, _uncond(engine, ids)], dim=0)
+        mask = torch.cat([mask, mask], dim=0)
+        pos = torch.cat([pos, pos], dim=0)
+        tokens = list(tokens) + list(tokens)
+    tok = torch.tensor([list(t) for t in tokens], dtype=torch.long, device=engine.device)
+    text = model.get_input_embeddings()(ids)
+    vis = model.prepare_embeddings_for_image_generation(tok[:, :-1]) if T > 1 else text[:, :0]
+    emb = torch.cat([text, vis.to(text.dtype)], dim=1)
+    n = ids.shape[0]
+    full_mask = torch.cat([mask, torch.ones((n, T - 1), dtype=mask.dtype, device=mask.device)], dim=1)
+    lens = mask.sum(-1, keepdim=True)
+    vis_pos = lens + torch.arange(T - 1, device=mask.device)[None, :]
+    full_pos = torch.cat([pos, vis_pos], dim=1)
+    return emb, full_mask, full_pos, P, T, B
+
+
+@torch.no_grad()
+def teacher_forced_maps(engine, input_ids: list[list[int]], tokens: list[list[int]],
+                        spans: list[list[list[list[int]]]], layers: Sequence[int], *,
+                        batch_size: int = 8) -> list[list[np.ndarray | None]]:
+    """Per row, per object: soft maps from one forward over ``[x ; tokens[:-1]]`` (conditional
+    rows only: the uncond rows of CFG do not change a cond row's attention). The query at
+    position P - 1 + t predicts token t, so its attention is token t's map."""
+    out: list[list[np.ndarray | None]] = []
+    lm = _lm(engine)
+    for a in range(0, len(input_ids), max(1, batch_size)):
+        ids_rows, tok_rows, sp = input_ids[a:a + batch_size], tokens[a:a + batch_size], spans[a:a + batch_size]
+        emb, mask, pos, P, T, B = _teacher_forced_inputs(engine, ids_rows, tok_rows, cfg=False)
+        cap = ObjectAttentionCapture(layers, _columns(sp, [len(r) for r in ids_rows], P), prompt_len=P, steps=T,
+                                     device=engine.device)
+        cap.t, cap.q_take = 0, T
+        with capturing(engine.model, cap), engine.autocast():
+            lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
+        out += [[None if m is None else m.float().cpu().numpy().astype(np.float32) for m in row]
+                for row in cap.object_maps()]
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_cfg_logits(engine, input_ids: list[list[int]], tokens: list[list[int]], *,
+                              guidance_scale: float) -> torch.Tensor:
+    """CFG logits ``(B, T, V)`` of every visual token from one forward over ``[x ; tokens[:-1]]``
+    (cond and uncond rows): what the sampling loop saw at each step."""
+    emb, mask, pos, P, T, B = _teacher_forced_inputs(engine, input_ids, tokens, cfg=True)
+    with engine.autocast():
+        h = _lm(engine)(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    logits = engine.model.model.generation_head(h[:, P - 1:, :]).float()
+    cond, unc = logits[:B], logits[B:]
+    return unc + (cond - unc) * guidance_scale
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_images(engine, tokens: list[list[int]], *, batch_size: int = 16) -> list:
+    """PIL images from visual token ids: ``model.decode_image_tokens`` (VQ decoder), then the
+    processor's ``postprocess`` (pixels in [-1, 1] -> uint8)."""
+    from PIL import Image
+
+    out = []
+    for a in range(0, len(tokens), batch_size):
+        t = torch.tensor(tokens[a:a + batch_size], dtype=torch.long, device=engine.device)
+        with engine.autocast():
+            pix = engine.model.decode_image_tokens(t).float().cpu()  # (N, H, W, 3), about [-1, 1]
+        try:
+            imgs = engine.processor.postprocess(list(pix.permute(0, 3, 1, 2)), return_tensors="PIL.Image.Image")
+            imgs = imgs["pixel_values"] if isinstance(imgs, dict) or hasattr(imgs, "keys") else imgs
+            if not all(isinstance(im, Image.Image) for im in imgs):
+                raise TypeError("postprocess did not return PIL images")
+        except Exception:  # noqa: BLE001 - processor versions differ; same arithmetic by hand
+            arr = ((pix.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+            imgs = [Image.fromarray(x) for x in arr]
+        out += list(imgs)
+    return out
