@@ -235,3 +235,121 @@ def _wrap(text: str, width: int = 40) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text or "", width)) or ""
+
+
+# --- the HTML report: python -m ospo.report RUN_DIR ---------------------------------------------
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>ospo report: {title}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}} img{{max-width:100%}}</style></head>
+<body><h1>ospo report: {title}</h1>
+{body}
+</body></html>
+"""
+
+
+def _fig_html(fig) -> str:
+    """A matplotlib figure as an embedded PNG (data URI): the page stands alone."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _yields_table(it_dir: Path) -> str:
+    from html import escape
+
+    rows = ["<tr><th>stage</th><th>in</th><th>out</th><th>rejected</th><th>reasons</th><th>seconds</th></tr>"]
+    for stage in ("prompts", "perturb", "images", "vqa", "train"):
+        m = load_manifest(it_dir, stage)
+        if not m:
+            continue
+        c = m.get("counts", {})
+        reasons = ", ".join(f"{k}: {v}" for k, v in (m.get("rejects") or {}).items()) or "-"
+        rows.append(f"<tr><td>{stage}</td><td>{c.get('in')}</td><td>{c.get('out')}</td><td>{c.get('rejected')}</td>"
+                    f"<td>{escape(reasons)}</td><td>{m.get('seconds')}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _training_curves(log: list[dict]):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")
+    steps = [r.get("step", i + 1) for i, r in enumerate(log)]
+    panels = [("loss", ["loss/total", "loss/simpo", "loss/sft"]), ("reward margin", ["rewards/margins"]),
+              ("accuracy", ["rewards/accuracy"])]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            ys = [r.get(k) for r in log]
+            if any(y is not None for y in ys):
+                ax.plot(steps, [float("nan") if y is None else y for y in ys], marker=".", label=k)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(run_dir, out: str | Path | None = None, *, iteration: int | None = None, max_pairs: int = 6) -> Path:
+    """Write ``<run_dir>/report.html`` (or ``out``): per iteration, stage yields and reject
+    reasons, S histograms and filter-rule counts, example pairs with masks, training curves.
+    Every figure is an embedded PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from html import escape
+
+    root = Path(run_dir)
+    its = [root / f"iter_{iteration:02d}"] if iteration is not None else sorted(root.glob("iter_[0-9][0-9]"))
+    if not its or not any(p.is_dir() for p in its):
+        raise FileNotFoundError(f"{root} holds no iter_XX directory: is it an ospo run directory?")
+    body = []
+    for it in its:
+        body.append(f"<h2>{it.name}</h2><h3>Per-stage yields</h3>{_yields_table(it)}")
+        vqa_recs = load_jsonl(it / "vqa.jsonl")
+        if vqa_recs:
+            body.append("<h3>Self-VQA scores</h3>" + _fig_html(plot_s_distributions(vqa_recs, load_manifest(it, "vqa"))))
+        pairs = load_jsonl(it / "pairs.jsonl")
+        if pairs:
+            by_id = {r["id"]: r for r in vqa_recs}
+            body.append(f"<h3>Example pairs ({min(len(pairs), max_pairs)} of {len(pairs)})</h3>")
+            for p in pairs[:max_pairs]:
+                body.append(f"<pre>{escape(pair_table(p, by_id.get(p['id'])))}</pre>"
+                            + _fig_html(plot_pair(root, p, by_id.get(p["id"]))))
+        log = load_jsonl(it / "train_log.jsonl")
+        if log:
+            body.append("<h3>Training</h3>" + _fig_html(_training_curves(log)))
+    out = Path(out) if out else root / "report.html"
+    out.write_text(_PAGE.format(title=escape(str(root)), body="\n".join(body)), encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m ospo.report", description="Self-contained HTML report of a run.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    ap.add_argument("--iteration", type=int)
+    ap.add_argument("--max-pairs", type=int, default=6)
+    a = ap.parse_args(argv)
+    try:
+        path = write_report(a.run_dir, a.out, iteration=a.iteration, max_pairs=a.max_pairs)
+    except FileNotFoundError as e:
+        print(f"ospo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[report] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

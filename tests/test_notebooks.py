@@ -89,3 +89,29 @@ def test_notebooks_ship_without_outputs(name):
         for c in nb.cells:
             if c.cell_type == "code":
                 assert c.outputs == [] and c.execution_count is None
+
+
+def test_html_report_embeds_every_figure(tiny_run, tmp_path):
+    """python -m ospo.report RUN_DIR: a page that stands alone (every <img> an embedded PNG),
+    with the yields table, S histograms, example pairs and training curves."""
+    import base64
+    import re
+    import shutil
+
+    from ospo import report
+
+    wd = tmp_path / "run"
+    shutil.copytree(tiny_run, wd)
+    assert ospo_run.main(["--stage", "train", "--workdir", str(wd), "images.mask_source=teacher_forced"]) == 0
+    assert report.main([str(wd)]) == 0
+    html = (wd / "report.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    n_pairs = len((wd / "iter_00" / "pairs.jsonl").read_text().splitlines())
+    assert len(srcs) == 1 + min(n_pairs, 6) + 1  # S histograms, pairs, training curves
+    for s in srcs:
+        assert s.startswith("data:image/png;base64,")
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for needle in ("Per-stage yields", "<td>images</td>", "Self-VQA scores", "Example pairs", "Training"):
+        assert needle in html
+    # not a run directory: a clear error, exit 2
+    assert report.main([str(tmp_path / "nothing")]) == 2
