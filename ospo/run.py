@@ -25,7 +25,7 @@ from pathlib import Path
 from ospo import config as config_mod
 from ospo import dist
 from ospo.config import STAGES, Config, ConfigError
-from ospo.rundir import RunDir, StageError, atomic_write_json, atomic_write_text
+from ospo.rundir import RunDir, StageError, branch, atomic_write_json, atomic_write_text
 
 DEFAULT_CONFIG = "tiny.yaml"
 
@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, help="iterations for --stage all (default: run.iterations)")
     p.add_argument("--limit", type=int, help="cap the number of prompts (quick runs)")
     p.add_argument("--force", action="store_true", help="redo the stage(s) even if the config changed")
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR",
+                   help="branch: reuse RUN_DIR's finished stages before --stage (or --from-stage with "
+                        "--stage all) and run the rest here; RUN_DIR is never modified")
+    p.add_argument("--from-stage", choices=STAGES, help="with --stage all --from: the first stage to redo")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. perturb.num_variants=2")
     return p.parse_args(argv)
 
@@ -133,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(workdir / "config.yaml", config_mod.dump(cfg))
         dist.barrier()
         lazy = _LazyEngine(cfg)
+        if args.from_run:
+            first = args.from_stage if args.stage == "all" else args.stage
+            if first is None:
+                raise StageError("--from with --stage all needs --from-stage (the first stage to redo)")
+            b = None
+            if dist.is_main():
+                b = branch(args.from_run, workdir, first, cfg.stage_view, args.iteration)
+            b = dist.broadcast_object(b)
+            args.iteration = b["iteration"]
+            if dist.is_main():
+                print(f"[ospo] branch of {b['from']} iter_{b['iteration']:02d}: reusing {', '.join(b['reused_stages']) or 'nothing'}")
         if args.stage == "all":
             start = args.iteration if args.iteration is not None else rundir.default_iteration()
             for it in range(start, start + cfg.run.iterations):

@@ -254,7 +254,10 @@ class StageRun:
         for p in [*self.merged.values(), self.merged_ledger, self.manifest_path, *self._shard_files()]:
             p.unlink(missing_ok=True)
         for d in STAGE_DIRS.get(self.stage, []):
-            shutil.rmtree(self.dir / d, ignore_errors=True)
+            if (self.dir / d).is_symlink():  # borrowed from another run (a branch): never touch its files
+                (self.dir / d).unlink()
+            else:
+                shutil.rmtree(self.dir / d, ignore_errors=True)
 
     @staticmethod
     def _repair(outputs: dict[str, Path], ledger: Path) -> None:
@@ -416,6 +419,78 @@ def _hash(view: dict) -> str:
     from ospo.config import config_hash
 
     return config_hash(view)
+
+
+def branch(src: str | Path, dst: str | Path, first_stage: str, view_of, iteration: int | None = None) -> dict:
+    """Start run ``dst`` from run ``src``'s finished stages before ``first_stage``.
+
+    For iteration i (default: the latest of ``src`` whose stage before ``first_stage`` is
+    finished) the earlier stages' records, ledgers and manifests are copied into
+    ``dst/iter_i`` and their file directories (``images/``) linked; earlier iterations are
+    linked whole (their checkpoints seed iteration i). Nothing in ``src`` is written, ever:
+    a stage that later redoes linked files replaces the link, not the files behind it.
+    ``view_of(stage)`` gives the branch config's view of a stage; a reused stage whose view
+    differs is refused, naming the keys, since its records were made with other settings.
+    ``dst/branch.json`` records where the branch came from.
+    """
+    import shutil
+
+    src, dst = Path(src).resolve(), Path(dst)
+    if first_stage not in STAGES:
+        raise StageError(f"--from: unknown stage {first_stage!r}")
+    reused = STAGES[: STAGES.index(first_stage)]
+    if not (src / "config.yaml").exists():
+        raise StageError(f"--from: {src} is not an ospo run directory (no config.yaml)")
+    if dst.resolve() == src:
+        raise StageError("--from: the branch needs its own --workdir")
+    srd = RunDir(src)
+
+    def finished(i: int, stage: str) -> bool:
+        m = srd.iter_dir(i) / f"{stage}.manifest.json"
+        return m.exists() and json.loads(m.read_text()).get("finished", False)
+
+    if iteration is None:
+        cands = [i for i in srd.iterations() if all(finished(i, s) for s in reused)]
+        if not cands:
+            raise StageError(f"--from: {src} has no iteration with {', '.join(reused) or 'a model'} finished")
+        iteration = cands[-1]
+    missing = [s for s in reused if not finished(iteration, s)]
+    if missing:
+        raise StageError(f"--from: {src}/iter_{iteration:02d} has not finished {', '.join(missing)}")
+    for s in reused:
+        old = json.loads((srd.iter_dir(iteration) / f"{s}.manifest.json").read_text()).get("config", {})
+        new = view_of(s)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise StageError(f"--from: stage {s} is reused from {src} but the branch config changes it "
+                             f"({', '.join(changed)}); branch from an earlier stage instead")
+    record = {"from": str(src), "iteration": iteration, "first_stage": first_stage, "reused_stages": reused}
+    info = dst / "branch.json"
+    if info.exists():
+        prev = json.loads(info.read_text())
+        if {k: prev.get(k) for k in record} != record:
+            raise StageError(f"--from: {dst} is already a branch of {prev.get('from')} at "
+                             f"{prev.get('first_stage')}; use another --workdir")
+        return prev
+    dst.mkdir(parents=True, exist_ok=True)
+    for j in range(iteration):
+        if not (dst / f"iter_{j:02d}").exists():
+            os.symlink(srd.iter_dir(j), dst / f"iter_{j:02d}")
+    d = dst / f"iter_{iteration:02d}"
+    d.mkdir(parents=True, exist_ok=True)
+    sdir = srd.iter_dir(iteration)
+    if (sdir / "model.json").exists():
+        shutil.copy2(sdir / "model.json", d / "model.json")
+    for s in reused:
+        for name in [*STAGE_OUTPUTS[s], f"{s}.done", f"{s}.manifest.json"]:
+            if (sdir / name).exists():
+                shutil.copy2(sdir / name, d / name)
+        for sub in STAGE_DIRS.get(s, []):
+            if (sdir / sub).exists() and not (d / sub).exists():
+                os.symlink(sdir / sub, d / sub)
+    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    atomic_write_json(info, record)
+    return record
 
 
 def require_input(path: Path, what: str, stage: str) -> list[dict]:
