@@ -45,6 +45,7 @@ def parse_args(argv=None):
     g.add_argument("--tiny", action="store_true", help="smallest sizes (the test's smoke run)")
     p.add_argument("--out", default=str(BENCH / "results"), help="directory for <date>-<host>.json/.png")
     p.add_argument("--only", help=f"comma subset of {','.join(SECTIONS)}")
+    p.add_argument("--bandwidth-model", help="checkpoint for the CUDA bandwidth-bound section (default: tiny random)")
     return p.parse_args(argv)
 
 
@@ -74,12 +75,30 @@ def run_bench(name: str, mode: str, tmp: Path) -> dict:
     return res
 
 
-def cuda_bandwidth_section() -> dict:
+def cuda_bandwidth_section(mode: str = "full", model: str | None = None) -> dict:
+    """Issue 7 item 6: stage 3 decode's achieved fraction of the memory-bandwidth bound
+    (bench/bandwidth.py). CUDA only; ``model`` a checkpoint path (default a tiny random Janus,
+    grid 8 at --tiny sizes, else 24: launch-bound, so its fraction is only a smoke number)."""
     import torch
 
     if not torch.cuda.is_available():
         return {"skipped": "CUDA only: the memory-bandwidth-bound fraction of stage 3's decode needs a GPU"}
-    return {"skipped": "CUDA present, but the bandwidth-bound fraction is not measured by this version"}
+    import bandwidth
+
+    batches = [1] if mode == "tiny" else [1, 8]
+    target = model or (8 if mode == "tiny" else 24)
+    repeats = 1 if mode == "tiny" else 3
+    try:
+        dev_bw = bandwidth.measure_bandwidth("cuda", nbytes=(1 << 26) if mode == "tiny" else (1 << 30))
+        rows = [bandwidth.run(target, b, repeats=repeats, device_bandwidth=dev_bw) for b in batches]
+    except Exception as e:  # noqa: BLE001 - the other sections' results must still be written
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+    for r in rows:
+        print(f"[cuda_bandwidth] {r['model']} batch {r['batch']}: {r['achieved_gb_s']:.1f} GB/s of "
+              f"{r['device_bandwidth_gb_s']:.0f} GB/s = {r['fraction']:.3f} of the bound "
+              f"(static KV {r['fraction_static_kv']:.3f}), {r['ms_per_step']:.2f} ms/step")
+    return {"device_bandwidth_gb_s": dev_bw / 1e9, "rows": rows}
 
 
 def _f(x, fmt="{:.2f}"):
@@ -126,6 +145,12 @@ def markdown(results: dict, machine: dict) -> str:
     bw = results.get("cuda_bandwidth", {})
     if "skipped" in bw:
         L.append(f"| 3 images | fraction of the memory-bandwidth bound | skipped ({bw['skipped'].split(':')[0]}) |")
+    for r in bw.get("rows", []):
+        L.append(f"| 3 images | {r['model']}, batch {r['batch']}: fraction of the memory-bandwidth bound "
+                 f"(growing / static KV; {r['achieved_gb_s']:.0f} of {r['device_bandwidth_gb_s']:.0f} GB/s) | "
+                 f"{r['fraction']:.3f} / {r['fraction_static_kv']:.3f} |")
+    if "error" in bw:
+        L.append(f"| 3 images | fraction of the memory-bandwidth bound | error ({bw['error'][:80]}) |")
     for name in SECTIONS:
         if "error" in results.get(name, {}):
             L.append(f"| {name} | error | {results[name]['error'].splitlines()[-1][:80]} |")
@@ -211,7 +236,7 @@ def main(argv=None) -> int:
                     raise
                 traceback.print_exc()
                 results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"}
-    results["cuda_bandwidth"] = cuda_bandwidth_section()
+    results["cuda_bandwidth"] = cuda_bandwidth_section(mode, args.bandwidth_model)
     if "skipped" in results["cuda_bandwidth"]:
         print(f"[cuda_bandwidth] skipped: {results['cuda_bandwidth']['skipped']}")
     table = markdown(results, machine)
