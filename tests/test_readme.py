@@ -1,6 +1,6 @@
 """The README stays true: every command in its code blocks names a module that exists,
 flags that module accepts, and files that exist. (The commands themselves run in the tests
-named next to them and in CI: quickstart, test.sh, torchrun, evaluate, shapes.)"""
+named next to them; .ci/run runs test.sh, quickstart.sh and the report.)"""
 
 from __future__ import annotations
 
