@@ -37,7 +37,8 @@ def _run(workdir: Path, procs: int, limit: int, threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     for stage in STAGES:
-        cmd = [sys.executable, "-m", "ospo.run", "--stage", stage, "--workdir", str(workdir), "--limit", str(limit)]
+        cmd = [sys.executable, "-m", "ospo.run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--stage", stage,
+               "--workdir", str(workdir), "--limit", str(limit)]
         if procs > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                    "--master_port", str(_port()), *cmd[1:]]

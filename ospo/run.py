@@ -27,7 +27,7 @@ from ospo import dist
 from ospo.config import STAGES, Config, ConfigError
 from ospo.rundir import RunDir, StageError, branch, atomic_write_json, atomic_write_text
 
-DEFAULT_CONFIG = "tiny.yaml"
+DEFAULT_CONFIG = "shapes.yaml"
 
 
 def default_config_path() -> Path:

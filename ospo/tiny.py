@@ -170,27 +170,29 @@ def tiny_config(
     )
 
 
-def build_tiny_janus(out_dir: str | os.PathLike, *, seed: int = 0, tokenizer=None, **config_kwargs) -> Path:
-    """Write a random tiny Janus checkpoint (model, processor, generation config) to out_dir."""
-    import torch
-    from transformers import GenerationConfig, JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
+def make_processor(tokenizer, config):
+    """The ``JanusProcessor`` of a checkpoint built here: image side from the vision config,
+    mean/std 0.5 (pixels in [-1, 1], Janus' normalization), our chat template."""
+    from transformers import JanusImageProcessor, JanusProcessor
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or build_tokenizer()
-    config = tiny_config(tokenizer, **config_kwargs)
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(config)
     side = config.vision_config.image_size
     image_processor = JanusImageProcessor(
         size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_size=4
     )
-    processor = JanusProcessor(
+    return JanusProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
         num_image_tokens=config.vision_config.num_image_tokens,
     )
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write model + processor + generation config, as a converted Janus-Pro checkpoint has."""
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -198,8 +200,20 @@ def build_tiny_janus(out_dir: str | os.PathLike, *, seed: int = 0, tokenizer=Non
         generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI)},
     )
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    make_processor(tokenizer, model.config).save_pretrained(out)
     return out
+
+
+def build_tiny_janus(out_dir: str | os.PathLike, *, seed: int = 0, tokenizer=None, **config_kwargs) -> Path:
+    """Write a random tiny Janus checkpoint (model, processor, generation config) to out_dir."""
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    tokenizer = tokenizer or build_tokenizer()
+    config = tiny_config(tokenizer, **config_kwargs)
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(config)
+    return save_checkpoint(model, tokenizer, out_dir)
 
 
 def _builder_fingerprint() -> str:
@@ -217,11 +231,16 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """Map the special path ``tiny:`` to a cached tiny checkpoint, building it once.
+    """Map the special path ``tiny:`` to a cached tiny checkpoint, building it once, and
+    ``shapes:`` to the shipped ShapesWorld checkpoint (:mod:`ospo.shapes.pretrain`).
 
     Any other value is returned unchanged for ``from_pretrained`` (a hub id or a local
     directory).
     """
+    if path.startswith("shapes:"):
+        from ospo.shapes.pretrain import packaged_checkpoint
+
+        return str(packaged_checkpoint())
     if not path.startswith("tiny:"):
         return path
     target = cache_dir() / f"tiny-janus-{_builder_fingerprint()}"

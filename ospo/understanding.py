@@ -94,8 +94,15 @@ def query_ids(engine, question: str) -> list[int]:
     ``get_text_with_replacements``), without touching any pixels: the ids of a question
     do not depend on the image.
     """
+    return image_chat_ids(engine, templates.yes_no(question))
+
+
+def image_chat_ids(engine, user_text: str) -> list[int]:
+    """Token ids of a one-image user turn (image first, then ``user_text``), placeholder
+    expanded, ending where the assistant answers: the prompt of :func:`query_ids`, and of
+    any other question about an image (ShapesWorld pretraining uses it for captions)."""
     proc = engine.processor
-    text = query_text(engine, question)
+    text = engine.chat(user_text, image=True)
     if getattr(proc, "use_default_system_prompt", False):
         from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 

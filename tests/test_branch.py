@@ -11,6 +11,8 @@ import pytest
 
 from ospo import run as ospo_run
 
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+
 
 def _snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -21,14 +23,14 @@ def _snapshot(root: Path) -> dict[str, str]:
 def base(tmp_path_factory):
     wd = tmp_path_factory.mktemp("branch") / "base"
     for stage in ("prompts", "perturb", "images", "vqa"):
-        assert ospo_run.main(["--stage", stage, "--workdir", str(wd), "--limit", "3"]) == 0, stage
+        assert ospo_run.main(["--config", TINY, "--stage", stage, "--workdir", str(wd), "--limit", "3"]) == 0, stage
     return wd
 
 
 def test_branch_reruns_later_stage_and_never_touches_the_source(base, tmp_path, capsys):
     before = _snapshot(base)
     br = tmp_path / "nofilter"
-    assert ospo_run.main(["--stage", "vqa", "--from", str(base), "--workdir", str(br), "vqa.filter=false"]) == 0
+    assert ospo_run.main(["--config", TINY, "--stage", "vqa", "--from", str(base), "--workdir", str(br), "vqa.filter=false"]) == 0
     info = json.loads((br / "branch.json").read_text())
     assert info["from"] == str(base.resolve()) and info["reused_stages"] == ["prompts", "perturb", "images"]
     assert (br / "iter_00" / "images").is_symlink()
@@ -37,8 +39,8 @@ def test_branch_reruns_later_stage_and_never_touches_the_source(base, tmp_path, 
     m_br = json.loads((br / "iter_00" / "vqa.manifest.json").read_text())
     assert m_br["config"]["vqa.filter"] is False and m_base["config"]["vqa.filter"] is True
     # training in the branch, then redoing its images with --force: the source stays as it was
-    assert ospo_run.main(["--stage", "train", "--workdir", str(br), "vqa.filter=false"]) == 0
-    assert ospo_run.main(["--stage", "images", "--workdir", str(br), "--iteration", "0", "--force",
+    assert ospo_run.main(["--config", TINY, "--stage", "train", "--workdir", str(br), "vqa.filter=false"]) == 0
+    assert ospo_run.main(["--config", TINY, "--stage", "images", "--workdir", str(br), "--iteration", "0", "--force",
                           "vqa.filter=false", "images.guidance_scale=3.0"]) == 0
     assert not (br / "iter_00" / "images").is_symlink()
     assert _snapshot(base) == before
@@ -46,18 +48,18 @@ def test_branch_reruns_later_stage_and_never_touches_the_source(base, tmp_path, 
 
 def test_branch_refuses_a_config_that_changes_a_reused_stage(base, tmp_path, capsys):
     br = tmp_path / "bad"
-    rc = ospo_run.main(["--stage", "vqa", "--from", str(base), "--workdir", str(br), "images.guidance_scale=3.0"])
+    rc = ospo_run.main(["--config", TINY, "--stage", "vqa", "--from", str(base), "--workdir", str(br), "images.guidance_scale=3.0"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "images" in err and "guidance_scale" in err
-    assert ospo_run.main(["--stage", "all", "--from", str(base), "--workdir", str(br)]) == 2
+    assert ospo_run.main(["--config", TINY, "--stage", "all", "--from", str(base), "--workdir", str(br)]) == 2
     assert "--from-stage" in capsys.readouterr().err
-    assert ospo_run.main(["--stage", "vqa", "--from", str(tmp_path / "nothing"), "--workdir", str(br)]) == 2
+    assert ospo_run.main(["--config", TINY, "--stage", "vqa", "--from", str(tmp_path / "nothing"), "--workdir", str(br)]) == 2
 
 
 def test_branch_stage_all_from_stage(base, tmp_path):
     br = tmp_path / "alpha0"
-    assert ospo_run.main(["--stage", "all", "--from", str(base), "--from-stage", "train", "--workdir", str(br),
+    assert ospo_run.main(["--config", TINY, "--stage", "all", "--from", str(base), "--from-stage", "train", "--workdir", str(br),
                           "train.loss=simpo"]) == 0
     assert (br / "iter_00" / "checkpoint" / "config.json").exists()
     assert not (base / "iter_00" / "checkpoint").exists()

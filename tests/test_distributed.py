@@ -23,6 +23,7 @@ from ospo import parsing
 from ospo.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
 WORKER = ROOT / "tests" / "_dist_worker.py"
 
 
@@ -98,10 +99,10 @@ def test_cli_tiny_model_one_rank_equals_two_ranks(tmp_path):
     if (ROOT / "ospo" / "stages" / "images.py").exists():
         stages += ["images", "vqa"]
     for s in stages:
-        p = subprocess.run([sys.executable, "-m", "ospo.run", "--stage", s, "--workdir", one], cwd=ROOT, env=_env(),
+        p = subprocess.run([sys.executable, "-m", "ospo.run", "--config", TINY, "--stage", s, "--workdir", one], cwd=ROOT, env=_env(),
                            capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
-        _torchrun(["-m", "ospo.run", "--stage", s, "--workdir", two])
+        _torchrun(["-m", "ospo.run", "--config", TINY, "--stage", s, "--workdir", two])
     outputs = {"prompts": ["prompts.jsonl"], "perturb": ["variants.jsonl"], "images": ["images.jsonl"],
                "vqa": ["vqa.jsonl", "pairs.jsonl"]}
     for s in stages:

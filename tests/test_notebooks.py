@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
     the model (the Otsu/union recompute runs for every mask source)."""
     wd = tmp_path_factory.mktemp("nbrun") / "run"
     for stage in ("prompts", "perturb", "images", "vqa"):
-        rc = ospo_run.main(["--stage", stage, "--workdir", str(wd), "--limit", "4", "images.mask_source=teacher_forced"])
+        rc = ospo_run.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--stage", stage, "--workdir", str(wd), "--limit", "4", "images.mask_source=teacher_forced"])
         assert rc == 0, stage
     assert (wd / "iter_00" / "pairs.jsonl").read_text().strip()
     return wd
@@ -102,7 +102,7 @@ def test_html_report_embeds_every_figure(tiny_run, tmp_path):
 
     wd = tmp_path / "run"
     shutil.copytree(tiny_run, wd)
-    assert ospo_run.main(["--stage", "train", "--workdir", str(wd), "images.mask_source=teacher_forced"]) == 0
+    assert ospo_run.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--stage", "train", "--workdir", str(wd), "images.mask_source=teacher_forced"]) == 0
     assert report.main([str(wd)]) == 0
     html = (wd / "report.html").read_text()
     srcs = re.findall(r'<img src="([^"]+)"', html)

@@ -1,35 +1,149 @@
-"""ShapesWorld pretraining, VQ stage: the training forward passes gradient to the encoder
-(the stock forward does not), stock ``encode`` picks the tokens training picked, and a few
-steps move the weights while keeping the codebook unit-normalized."""
+"""ShapesWorld pretraining: the stage-job examples pass the real stage parsers, the recipe
+runs at a tiny size and saves a checkpoint that ``from_pretrained`` loads, and the shipped
+checkpoint was built by the recipe as it is now (a changed recipe without a rebuild fails)."""
 
 from __future__ import annotations
 
+import json
 import random
+from collections import Counter
 
-import torch
+import pytest
 
+from ospo import parsing, templates
+from ospo.shapes import grammar as gr
 from ospo.shapes import pretrain as pt
+from ospo.shapes import tasks
+from ospo.shapes.world import Group, Scene
 
 
-def test_vq_training_forward_and_steps():
-    vq = pt.build_vq(pt.vq_config(channels=32, levels=4, codebook=32), seed=0)
-    vq.train()
-    imgs, _ = pt.scene_batch(random.Random(0), 2)
-    x = pt.to_pixels(imgs)
-    out = pt.vq_forward(vq, x)
-    pt.recon_loss(out["recon"], x, 5.0).backward()
-    assert vq.encoder.conv_in.weight.grad is not None and vq.encoder.conv_in.weight.grad.abs().sum() > 0
-    vq.zero_grad(set_to_none=True)
-    (vq(x).decoded_pixel_values - x).pow(2).mean().backward()
-    g = vq.encoder.conv_in.weight.grad
-    assert g is None or g.abs().sum() == 0   # the trap the notes describe
-    assert torch.equal(vq.encode(x, return_dict=True).image_tokens.view(2, -1), out["indices"])
+def test_perturbations_do_what_each_operation_says():
+    rng = random.Random(0)
+    seen = Counter()
+    for _ in range(400):
+        _, s = tasks.sample_scene(rng)
+        for op in templates.OPERATIONS:
+            other = tasks.perturb_scene(s, op, rng)
+            if other is None:
+                continue
+            seen[op] += 1
+            assert not tasks.same_meaning(other, s)
+            a, b = gr.describe(s), gr.describe(other)
+            assert gr.parse(b) == other
+            assert parsing.check_perturbation(a, b, op) is None, (op, a, b)
+    assert min(seen.values()) > 200
+    # a swap that only reorders a list is no change of meaning: never offered
+    s = Scene((Group("circle", 1, "red"), Group("square", 1, "red")))
+    assert tasks._candidates(s, "swap") == []
+    assert tasks.same_meaning(s, Scene((s.groups[1], s.groups[0])))
+    a, b = Group("circle", 1, "red"), Group("square", 1, "blue")
+    assert tasks.same_meaning(Scene((a, b), "left of"), Scene((b, a), "right of"))
+    assert not tasks.same_meaning(Scene((a, b), "left of"), Scene((b, a), "left of"))
+    assert not tasks.same_meaning(Scene((a, b)), Scene((a, b), "above"))
+    assert tasks.perturb_scene(Scene((Group("circle", 2),)), "drop", rng) is None
 
-    before = vq.encoder.conv_in.weight.detach().clone()
-    stats = pt.train_vq(vq, steps=2, minutes=None, batch_size=2, reset_every=1, progress=False)
-    assert stats["steps"] == 2 and len(stats["history"]) == 2
-    assert not torch.equal(before, vq.encoder.conv_in.weight)
-    norms = vq.quantize.embedding.weight.norm(dim=-1)
-    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
-    rec, toks = pt.reconstruct(vq, imgs)
-    assert rec.shape == (2, 64, 64, 3) and toks.shape == (2, 64)
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_task_examples_pass_the_stage_parsers(task):
+    rng = random.Random(1)
+    held = gr.heldout_scenes()
+    n = 0
+    for _ in range(150):
+        ex = tasks.example(task, rng, held)
+        if ex is None:
+            continue
+        user, ans = ex
+        n += 1
+        prompt = user.rsplit("Prompt: ", 1)[-1]
+        if task == "prompts":
+            cands, reasons = parsing.parse_prompt_list(ans, max_objects=3)
+            assert len(cands) == 3 and not reasons
+            assert all(gr.parse(p) is not None and gr.parse(p) not in held for p, _ in cands)
+        elif task == "objects":
+            objs, why = parsing.parse_objects(ans, prompt, max_objects=3)
+            assert why is None and objs == gr.objects(gr.parse(prompt))
+        elif task == "perturb":
+            op = next(k for k, v in templates.OPERATIONS.items() if user.startswith(v))
+            p, why = parsing.parse_perturbation(ans, prompt, op)
+            assert why is None and gr.parse(p) is not None
+        elif task == "dense":
+            a = user.split("\nA: ")[-1].split("\nB: ")[0]
+            b = user.split("\nB: ")[-1]
+            d, why = parsing.parse_dense(ans, a, b, gr.objects(gr.parse(a)))
+            assert why is None and gr.parse(d[0]) == gr.parse(a) and gr.parse(d[1]) == gr.parse(b)
+        else:
+            qs, why = parsing.parse_questions(ans, min_questions=1, max_questions=10)
+            assert why is None and qs == [q["question"] for q in gr.questions(gr.parse(prompt))]
+    assert n > 100
+
+
+def test_yes_no_labels_come_from_the_evaluator():
+    from ospo.shapes import world as w
+    from ospo.shapes.evaluate import check, detect
+
+    rng = random.Random(2)
+    labels = []
+    for i in range(60):
+        _, s = tasks.sample_scene(rng)
+        img = w.render(w.sample_layout(s, rng))
+        dets = detect(img)
+        q, t = pt.yes_no_question(rng, s, dets, i % 2 == 0)
+        labels.append(t)
+        # the label is the truth of that question on this image
+        truths = {}
+        for cand in [s] + [tasks.perturb_scene(s, op, random.Random(k)) for k, op in enumerate(templates.OPERATIONS)]:
+            if cand is None:
+                continue
+            for qq, tt in zip(gr.questions(cand), gr.answers(cand, check(cand, dets)["requirements"])):
+                truths.setdefault(qq["question"], tt)
+        if q in truths:
+            assert truths[q] == t
+    assert 0.35 < sum(labels) / len(labels) < 0.65   # balanced as asked (want alternates)
+    # own-scene questions on a true render are all true
+    s = Scene((Group("circle", 2, "red"), Group("square", 1, "blue")))
+    img = w.render(w.sample_layout(s, rng))
+    assert all(gr.answers(s, check(s, detect(img))["requirements"]))
+
+
+def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
+    from transformers import JanusForConditionalGeneration
+
+    from ospo.engine import Engine
+
+    small = dict(steps=3, hidden=32, layers=2, heads=2, kv_heads=1, vq_steps=2, gen_rows=4, yes_no_rows=4,
+                 caption_rows=2, text_rows=4, eval_yes_no=6, eval_text=3, eval_every=2, gen_pool=12, und_pool=8)
+    out = tmp_path / "ck"
+    res = pt.build(out, pt.Recipe(**small), vq_cache=tmp_path / "vqc", progress=False, threads=1)
+    assert res["recipe_hash"] == pt.recipe_hash(pt.Recipe(**small))
+    hist = res["lm_history"]
+    assert [h["step"] for h in hist] == [1, 2, 3] and all(h["gen"] > 0 and h["text"] > 0 for h in hist)
+    assert "yes_no_acc" in hist[1] and "yes_no_acc" in hist[2]
+    assert 0.0 <= res["eval"]["yes_no"]["accuracy"] <= 1.0 and res["eval"]["yes_no"]["n"] == 6
+    assert json.loads((out / "recipe.json").read_text())["recipe_hash"] == res["recipe_hash"]
+    m = JanusForConditionalGeneration.from_pretrained(out)
+    assert m.config.text_config.num_hidden_layers == 2
+    eng = Engine.load(path=str(out))
+    assert eng.grid == 8 and eng.tokenizer.convert_tokens_to_ids("<begin_of_image>") == eng.ids.boi
+    # the VQ was cached: a second build with another LM setting reuses it
+    assert len(list((tmp_path / "vqc").iterdir())) == 1
+    res2 = pt.build(tmp_path / "ck2", pt.Recipe(**dict(small, steps=1, eval_every=0)), vq_cache=tmp_path / "vqc",
+                    progress=False, evaluate=False, threads=1)
+    assert res2["vq_hash"] == res["vq_hash"] and res2["recipe_hash"] != res["recipe_hash"]
+    assert len(list((tmp_path / "vqc").iterdir())) == 1
+
+
+def test_bad_recipe_setting_is_named():
+    with pytest.raises(SystemExit, match="hiden"):
+        pt._parse_set(["hiden=3"])
+    with pytest.raises(SystemExit, match="steps takes a int"):
+        pt._parse_set(["steps=many"])
+
+
+def test_shipped_checkpoint_was_built_by_this_recipe():
+    """Fails when the recipe (settings or the code that makes its data and model) changed
+    without a rebuild: run `python -m ospo.shapes.pretrain` and commit the checkpoint."""
+    ck = pt.packaged_checkpoint()
+    meta = json.loads((ck / "recipe.json").read_text())
+    assert meta["recipe"] == pt.dataclasses.asdict(pt.Recipe()), "Recipe defaults changed: rebuild the checkpoint"
+    assert meta["recipe_hash"] == pt.recipe_hash(pt.Recipe()), "recipe code changed: rebuild the checkpoint"
+    assert (ck / "model.safetensors").stat().st_size < 20 * 2**20

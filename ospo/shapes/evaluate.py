@@ -27,12 +27,41 @@ fail). No blob of a random model's noise passes as an object. 2-5 ms per image.
 CLI (samples held-out prompts with a checkpoint and grades them)::
 
     python -m ospo.shapes.evaluate --checkpoint PATH_OR_tiny: \\
-        --prompts ospo/configs/shapes/heldout.jsonl --out DIR [--seeds N] [--guidance-scale 1.5]
+        --prompts ospo/configs/shapes/heldout.jsonl --out DIR [--seeds N] [--guidance-scale 1.5] \\
+        [--yes-no 400] [--masks | --no-masks] [--skip-layers 1]
 
 Writes ``DIR/images/<id>_<j>.png``, ``DIR/results.jsonl`` (one record per image with the
 per-requirement details) and ``DIR/summary.json`` (accuracy per sub-category, per
 category, overall), and prints the summary. Seeds: image j of prompt ``id`` gets
 ``derive_seed(seed, "shapes-eval", id, j)``, independent of batching.
+
+Two more measurements go into ``summary.json``:
+
+- ``yes_no``: the model's yes/no accuracy on held-out questions (:func:`yes_no_items`,
+  :func:`yes_no_accuracy`), scored on the stage-4 path (:func:`ospo.understanding.yes_no_probs`,
+  answer "yes" when p(yes) > p(no)). Per record of the same ``--prompts`` file: one
+  ground-truth render of its scene, and questions from :func:`ospo.shapes.grammar.questions`
+  of the scene and of one replace / swap / drop perturbation of it
+  (:func:`ospo.shapes.tasks.perturb_scene`), each with its truth on that render from the
+  evaluator (:func:`check` + :func:`ospo.shapes.grammar.answers`), picked half true, half
+  false where the record allows. ``--yes-no N`` items in all (0: off), spread evenly over
+  the records; per item ``DIR/yes_no.jsonl`` holds the question, truth, answer, p(yes), p(no).
+  Reports ``accuracy``, ``balanced_accuracy`` (mean of the accuracies on true and on false
+  items, so always-yes scores 0.5), ``by_kind`` and ``yes_rate``.
+- ``mask_iou`` (``--masks``, on by default): attention captured while sampling exactly as
+  stage 3 does it (:mod:`ospo.stages.images`: the scene's object words located in the fed
+  prompt, attention over layers ``[s, L - s)`` with s = ``--skip-layers`` clamped to the
+  model, per object Otsu, union), compared per image with :func:`detected_token_mask` (the
+  token cells of the detected objects the scene names) by :func:`mask_iou`. Each record of
+  ``results.jsonl`` gets ``mask_iou``, ``mask_note``, ``attention_mask`` and
+  ``detected_mask`` (8 x 8, 0/1). ``mask_iou`` is None when there is nothing to compare:
+  the evaluator detects no named object AND the attention mask is empty (mask_iou's 1.0 for
+  two empty masks would reward an image without objects); an attention mask with no
+  detected object under it scores 0. The summary's ``mask_iou`` has ``mean`` over scored
+  images, ``n``, ``skipped`` (None) and ``mean_detected`` / ``n_detected`` (only images in
+  which the evaluator found a named object: attention quality apart from generation
+  failures). A model whose token grid is not 8 x 8 has its mask resampled to 8 x 8
+  (nearest cell centre) first.
 """
 
 from __future__ import annotations
@@ -304,6 +333,142 @@ def evaluate_images(records: list[dict]) -> dict:
     return summarize(grade(records))
 
 
+# --- yes/no questions on held-out scenes ----------------------------------------------------
+
+YES_NO_OPS = ("replace", "swap", "drop")
+
+
+def yes_no_candidates(record: dict, *, seed: int = 0) -> tuple[np.ndarray, list[dict]] | None:
+    """(image, candidates) of one held-out record, or None when its prompt is not a scene.
+
+    The image is one ground-truth render of the record's scene (layout drawn from
+    ``scene_rng(seed, "yes-no", id)``); the candidates are the grammar's questions of the
+    scene (``source`` "own") and of one perturbation per operation (``source`` the op, rng
+    ``scene_rng(seed, "yes-no", id, op)``), deduplicated by wording (first kept), each with
+    its ``truth`` on the image: :func:`ospo.shapes.grammar.answers` of the question's scene
+    given :func:`check` of that scene against the image's detections.
+    """
+    from ospo.shapes import grammar
+    from ospo.shapes.tasks import perturb_scene
+    from ospo.shapes.world import render, sample_layout, scene_rng
+
+    scene = _scene_of(record)
+    if scene is None:
+        return None
+    rid = record.get("id")
+    image = render(sample_layout(scene, scene_rng(seed, "yes-no", rid)))
+    dets = detect(image)
+    scenes = [("own", scene)]
+    for op in YES_NO_OPS:
+        other = perturb_scene(scene, op, scene_rng(seed, "yes-no", rid, op))
+        if other is not None:
+            scenes.append((op, other))
+    out, seen = [], set()
+    for source, sc in scenes:
+        truths = grammar.answers(sc, check(sc, dets)["requirements"])
+        for q, t in zip(grammar.questions(sc), truths):
+            if q["question"] not in seen:
+                seen.add(q["question"])
+                out.append({"question": q["question"], "kind": q["kind"], "truth": bool(t), "source": source})
+    return image, out
+
+
+def yes_no_items(records: list[dict], *, seed: int = 0, per_record: int = 4, limit: int | None = None) -> list[dict]:
+    """Yes/no items on ground-truth renders of held-out records (see :func:`yes_no_candidates`).
+
+    Per record up to ``per_record`` questions, drawn alternately from its true and its false
+    candidates (each shuffled by ``scene_rng(seed, "yes-no-pick", id)``; records start
+    alternately with true and with false, so an odd ``per_record`` stays balanced over the
+    set), the other side filling in where one runs out. Each item: ``id``,
+    ``sub_category``, ``question``, ``kind``, ``truth`` (bool), ``source`` (own / op),
+    ``image`` (uint8 64 x 64 x 3, shared by the items of a record). ``limit`` keeps that
+    many items, taking each record's first item before any record's second (so a cut
+    spreads over the records and keeps the balance). Records whose prompt is not a scene
+    are skipped. Deterministic in (records, seed, per_record, limit).
+    """
+    from ospo.shapes.world import scene_rng
+
+    ranked: list[tuple[int, int, dict]] = []
+    n_rec = 0
+    for rec in records:
+        got = yes_no_candidates(rec, seed=seed)
+        if got is None:
+            continue
+        image, cands = got
+        rng = scene_rng(seed, "yes-no-pick", rec.get("id"))
+        sides = [[c for c in cands if c["truth"]], [c for c in cands if not c["truth"]]]
+        for side in sides:
+            rng.shuffle(side)
+        turn = n_rec % 2     # 0: a true item first, 1: a false one
+        picked = []
+        while len(picked) < per_record and (sides[0] or sides[1]):
+            side = sides[turn] if sides[turn] else sides[1 - turn]
+            picked.append(side.pop(0))
+            turn = 1 - turn
+        for rank, c in enumerate(picked):
+            ranked.append((rank, n_rec, {"id": rec.get("id"), "sub_category": rec.get("sub_category"),
+                                         "question": c["question"], "kind": c["kind"], "truth": c["truth"],
+                                         "source": c["source"], "image": image}))
+        n_rec += 1
+    if limit is not None and len(ranked) > limit:
+        keep = {(r, n) for r, n, _ in sorted(ranked, key=lambda x: (x[0], x[1]))[: max(0, limit)]}
+        ranked = [x for x in ranked if (x[0], x[1]) in keep]
+    return [it for _, _, it in ranked]
+
+
+def yes_no_summary(items: list[dict], said_yes: list[bool]) -> dict:
+    """Accuracy of yes/no answers (``said_yes[i]`` for ``items[i]``, each with ``truth`` and
+    ``kind``): ``n``, ``accuracy``, ``balanced_accuracy`` (mean of the accuracies on true
+    and on false items; the one present when only one kind of item is), ``accuracy_true``,
+    ``accuracy_false``, ``n_true``, ``n_false``, ``by_kind`` and ``yes_rate``. NaN for
+    what has no item."""
+    if len(items) != len(said_yes):
+        raise ValueError("one answer per item")
+    acc = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    right = [bool(a) == bool(it["truth"]) for it, a in zip(items, said_yes)]
+    on_true = [c for c, it in zip(right, items) if it["truth"]]
+    on_false = [c for c, it in zip(right, items) if not it["truth"]]
+    by_kind: dict[str, list[bool]] = {}
+    for c, it in zip(right, items):
+        by_kind.setdefault(it["kind"], []).append(c)
+    parts = [acc(v) for v in (on_true, on_false) if v]
+    return {"n": len(items), "accuracy": acc(right),
+            "balanced_accuracy": float(np.mean(parts)) if parts else float("nan"),
+            "accuracy_true": acc(on_true), "accuracy_false": acc(on_false),
+            "n_true": len(on_true), "n_false": len(on_false),
+            "by_kind": {k: acc(v) for k, v in sorted(by_kind.items())},
+            "yes_rate": acc([bool(a) for a in said_yes])}
+
+
+def yes_no_accuracy(engine, items: list[dict], *, batch_size: int = 32, details: list | None = None) -> dict:
+    """Score yes/no items (:func:`yes_no_items`) with the model on stage 4's path,
+    :func:`ospo.understanding.yes_no_probs`: the answer is "yes" when p(yes) > p(no). The
+    questions about one image go into one entry, so each image is encoded once. Returns
+    :func:`yes_no_summary`; with ``details`` (a list) one row per item is appended to it
+    (``id``, ``question``, ``kind``, ``source``, ``truth``, ``answer``, ``p_yes``, ``p_no``)."""
+    from ospo import understanding
+
+    groups: dict[tuple, tuple[np.ndarray, list[int]]] = {}
+    for k, it in enumerate(items):
+        img = as_array(it["image"])
+        groups.setdefault((it.get("id"), img.tobytes()), (img, []))[1].append(k)
+    entries = list(groups.values())
+    p_yes, p_no = [0.0] * len(items), [0.0] * len(items)
+    if entries:
+        scores = understanding.yes_no_probs(engine, [to_pil(img) for img, _ in entries],
+                                            [[items[k]["question"] for k in ks] for _, ks in entries],
+                                            batch_size=batch_size)
+        for (_, ks), sc in zip(entries, scores):
+            for k, a, b in zip(ks, sc.p_yes, sc.p_no):
+                p_yes[k], p_no[k] = float(a), float(b)
+    said = [a > b for a, b in zip(p_yes, p_no)]
+    if details is not None:
+        for it, a, b, y in zip(items, p_yes, p_no, said):
+            details.append({k: it.get(k) for k in ("id", "sub_category", "question", "kind", "source")}
+                           | {"truth": bool(it["truth"]), "answer": "yes" if y else "no", "p_yes": a, "p_no": b})
+    return yes_no_summary(items, said)
+
+
 # --- CLI ---------------------------------------------------------------------------------
 
 def _read_prompts(path: str) -> list[dict]:
@@ -319,18 +484,79 @@ def _read_prompts(path: str) -> list[dict]:
     return recs
 
 
+def _to_world_grid(mask: np.ndarray) -> np.ndarray:
+    """A square token mask on the world's 8 x 8 grid (nearest cell centre when it is not)."""
+    m = np.asarray(mask, dtype=bool)
+    if m.shape == (GRID, GRID):
+        return m
+    idx = ((np.arange(GRID) + 0.5) * m.shape[0] / GRID).astype(int)
+    return m[np.ix_(idx, idx)]
+
+
+def attention_mask_iou(scene: Scene | None, image, soft_maps, objects: list[str], grid: int) -> dict:
+    """Stage 3's mask of one image from its per-object soft maps (None: object not found),
+    :func:`ospo.masks.image_mask`, against :func:`detected_token_mask`. Returns
+    ``mask_iou`` (None when the scene is unknown, or when no named object is detected and
+    the attention mask is empty too), ``mask_note``, ``attention_mask`` and
+    ``detected_mask`` (8 x 8 lists of 0/1)."""
+    from ospo import masks as M
+
+    grids = [None if m is None else np.asarray(m, dtype=np.float32).reshape(grid, grid) for m in soft_maps]
+    att, note, _ = M.image_mask(grids, objects, grid)
+    att = _to_world_grid(att)
+    ref = detected_token_mask(scene, image) if scene is not None else np.zeros((GRID, GRID), dtype=bool)
+    iou = None if scene is None or not (att.any() or ref.any()) else mask_iou(att, ref)
+    return {"mask_iou": iou, "mask_note": note, "attention_mask": att.astype(int).tolist(),
+            "detected_mask": ref.astype(int).tolist()}
+
+
+def summarize_masks(graded: list[dict]) -> dict:
+    """``mean`` / ``n`` of the records' ``mask_iou`` (None skipped, counted in ``skipped``),
+    and ``mean_detected`` / ``n_detected`` over the records whose ``detected_mask`` is not
+    empty. ``mean`` is None when nothing was scored."""
+    scored = [g for g in graded if g.get("mask_iou") is not None]
+    det = [g for g in scored if any(any(row) for row in g.get("detected_mask") or [])]
+    mean = lambda v: float(np.mean([g["mask_iou"] for g in v])) if v else None  # noqa: E731
+    return {"mean": mean(scored), "n": len(scored), "skipped": len(graded) - len(scored),
+            "mean_detected": mean(det), "n_detected": len(det)}
+
+
 def sample_and_grade(engine, prompts: list[dict], *, seeds_per_prompt: int = 1, seed: int = 0,
                      guidance_scale: float = 1.5, temperature: float = 1.0, batch_size: int = 32,
-                     image_dir: Path | None = None) -> list[dict]:
-    """Sample ``seeds_per_prompt`` images per prompt record with the engine and grade them."""
+                     image_dir: Path | None = None, masks: bool = False, skip_layers: int = 1) -> list[dict]:
+    """Sample ``seeds_per_prompt`` images per prompt record with the engine and grade them.
+
+    With ``masks`` the attention to the scene's object words (:func:`ospo.shapes.grammar.objects`,
+    located in the fed prompt by :func:`ospo.masks.find_object_spans`) is captured while
+    sampling, as stage 3 does it (layers :func:`ospo.attention.default_layers` of
+    ``skip_layers``, clamped to the model; the sampled images are the same as without),
+    and every graded record gets :func:`attention_mask_iou`'s fields plus ``mask_layers``.
+    """
     from ospo.rundir import derive_seed
-    from ospo.sampling import decode_images, sample_images
+    from ospo.sampling import CaptureSpec, decode_images, sample_images
 
     jobs = [(r, j) for r in prompts for j in range(seeds_per_prompt)]
     ids = engine.image_prompt_ids([r["prompt"] for r, _ in jobs])
     seeds = [derive_seed(seed, "shapes-eval", r["id"], j) for r, j in jobs]
+    capture, scenes, objs, layers = None, [], [], None
+    if masks:
+        from ospo import masks as M
+        from ospo.attention import default_layers
+        from ospo.shapes.grammar import objects as objects_of
+
+        layers = default_layers(engine.num_layers, skip_layers)
+        scenes = [_scene_of(r) for r, _ in jobs]
+        objs = [objects_of(sc) if sc is not None else list(r.get("objects") or []) for sc, (r, _) in zip(scenes, jobs)]
+        found: dict[tuple, list] = {}
+        spans = []
+        for i, o in zip(ids, objs):
+            key = (tuple(i), tuple(o))
+            if key not in found:
+                found[key] = M.find_object_spans(i, o, engine.tokenizer)
+            spans.append(found[key])
+        capture = CaptureSpec(layers=layers, spans=spans)
     samples = sample_images(engine, ids, seeds, guidance_scale=guidance_scale, temperature=temperature,
-                            batch_size=batch_size)
+                            batch_size=batch_size, capture=capture)
     images = decode_images(engine, [s.tokens for s in samples], batch_size=batch_size)
     recs = []
     for (r, j), s, im in zip(jobs, seeds, images):
@@ -341,8 +567,11 @@ def sample_and_grade(engine, prompts: list[dict], *, seeds_per_prompt: int = 1, 
             (im if hasattr(im, "save") else to_pil(as_array(im))).save(path)
         recs.append(rec)
     graded = grade(recs)
-    for g, (r, j) in zip(graded, jobs):
+    for k, (g, (r, j)) in enumerate(zip(graded, jobs)):
         g["sample"] = j
+        if masks:
+            g.update(attention_mask_iou(scenes[k], images[k], samples[k].maps or [], objs[k], engine.grid),
+                     mask_layers=layers)
         if image_dir is not None:
             g["image"] = f"images/{r['id']}_{j}.png"
     return graded
@@ -354,6 +583,16 @@ def format_summary(s: dict) -> str:
         lines.append(f"{k:<14}{s['counts'][k]:>6}{v:>10.3f}")
     lines.append(f"{'overall':<14}{s['graded']:>6}{s['overall']:>10.3f}   (images: {s['overall_images']:.3f}, "
                  f"ungradeable: {s['ungradeable']})")
+    yn = s.get("yes_no")
+    if yn:
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in yn["by_kind"].items())
+        lines.append(f"{'yes/no':<14}{yn['n']:>6}{yn['accuracy']:>10.3f}   (balanced: {yn['balanced_accuracy']:.3f}, "
+                     f"yes rate: {yn['yes_rate']:.3f}; {kinds})")
+    mi = s.get("mask_iou")
+    if mi:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"{'mask IoU':<14}{mi['n']:>6}{fmt(mi['mean']):>10}   (images with a detected object: "
+                     f"{fmt(mi.get('mean_detected'))} over {mi.get('n_detected', 0)}; skipped: {mi.get('skipped', 0)})")
     return "\n".join(lines)
 
 
@@ -370,9 +609,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    ap.add_argument("--yes-no", type=int, default=400, metavar="N",
+                    help="yes/no items on ground-truth renders of the same prompts (0: off)")
+    ap.add_argument("--masks", action=argparse.BooleanOptionalAction, default=True,
+                    help="capture attention masks while sampling and report their IoU with the detected objects")
+    ap.add_argument("--skip-layers", type=int, default=1,
+                    help="attention layers [s, L - s) for masks (clamped to the model; 1 suits the 6-layer model)")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error("--seeds must be >= 1")
+    if a.yes_no < 0:
+        ap.error("--yes-no must be >= 0")
     if not Path(a.prompts).exists():
         ap.error(f"--prompts {a.prompts} does not exist")
     prompts = _read_prompts(a.prompts)[: a.limit]
@@ -387,11 +634,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[shapes.evaluate] sampling {len(prompts)} prompts x {a.seeds} seeds (guidance {a.guidance_scale})",
           file=sys.stderr)
     graded = sample_and_grade(engine, prompts, seeds_per_prompt=a.seeds, seed=a.seed, guidance_scale=a.guidance_scale,
-                              temperature=a.temperature, batch_size=a.batch_size, image_dir=out / "images")
+                              temperature=a.temperature, batch_size=a.batch_size, image_dir=out / "images",
+                              masks=a.masks, skip_layers=a.skip_layers)
     with open(out / "results.jsonl", "w", encoding="utf-8") as f:
         for g in graded:
             f.write(json.dumps(g) + "\n")
     summary = summarize(graded)
+    summary["mask_iou"] = None
+    if a.masks:
+        summary["mask_iou"] = dict(summarize_masks(graded), layers=graded[0]["mask_layers"] if graded else None,
+                                   skip_layers=a.skip_layers)
+    summary["yes_no"] = None
+    if a.yes_no:
+        n_rec = max(1, len(prompts))
+        items = yes_no_items(prompts, seed=a.seed, per_record=max(2, -(-a.yes_no // n_rec)), limit=a.yes_no)
+        print(f"[shapes.evaluate] scoring {len(items)} yes/no questions", file=sys.stderr)
+        rows: list[dict] = []
+        summary["yes_no"] = yes_no_accuracy(engine, items, batch_size=a.batch_size, details=rows)
+        with open(out / "yes_no.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
     summary.update(checkpoint=a.checkpoint, prompts=a.prompts, seeds=a.seeds, seed=a.seed,
                    guidance_scale=a.guidance_scale, temperature=a.temperature,
                    seconds=round(time.perf_counter() - t0, 2))

@@ -1,222 +1,612 @@
-"""Pretraining a tiny Janus that lives in ShapesWorld: part 1, the VQ tokenizer.
+"""The recipe that makes the ShapesWorld Janus, the model ``configs/shapes.yaml`` runs.
 
-STATUS: only the VQ stage is written. The language-model stage (generation, yes/no
-answering, the text tasks of stages 1, 2 and 4) is not; see issue 5.
+    python -m ospo.shapes.pretrain --out DIR [--set key=value ...] [--vq-cache DIR]
 
-    python -m ospo.shapes.pretrain vq --out DIR [--minutes 8] [--batch-size 32] [--seed 0]
+trains, from scratch on 2 CPU cores, a tiny ``JanusForConditionalGeneration`` (the
+transformers architecture a real Janus-Pro loads into: VQ tokenizer, SigLIP-style vision
+encoder, Llama language model, generation head) that does every job the stages give it:
 
-trains a ``JanusVQVAE`` (the configuration :func:`ospo.tiny.tiny_config` gives a 64 px,
-8 x 8-token Janus) on rendered scenes, saves it with ``save_pretrained`` in ``DIR/vq`` and
-reports the fraction of held-out scenes whose reconstruction (stock ``encode`` -> stock
-``decode``, the path generated tokens take) the ground-truth evaluator still accepts.
+1. **tokenizer**: a byte-level BPE (:func:`ospo.tiny.build_tokenizer`) trained on the
+   world's text, with Janus-Pro's special tokens and chat template;
+2. **VQ** (:mod:`ospo.shapes.vq`), trained once and cached under
+   ``~/.cache/ospo/shapes-vq-<hash>`` (``--vq-cache``): reused while only the language-model
+   part of the recipe changes;
+3. **language model**, VQ frozen. Every step mixes, in one backward:
 
-Why the VQ is trainable to near-perfect here: objects fill 3 x 3-cell boxes aligned to the
-8 px token grid and boxes never overlap, so every 8 x 8 px cell of every image is one of
-3 shapes x 4 colours x 9 box positions + blank = 109 distinct patches: a 256-code book can
-name each exactly. What remains is optimisation, and the notes
-(../shared/shapesworld-notes.md) list its traps, each handled here:
+   - *generation*: prompt ids (:meth:`ospo.engine.Engine.image_prompt_ids`, the function
+     stage 3 samples from) -> the VQ tokens of a rendered scene; ``uncond_frac`` of the rows
+     are unconditional as classifier-free guidance needs (pads between BOS and BOI, the
+     rule :func:`ospo.sampling` samples with);
+   - *understanding*: the VQ reconstruction of a scene (what a generated image looks like)
+     + a yes/no question in the stage-4 query (:func:`ospo.understanding.query_ids`) -> the
+     evaluator's truth (" yes" / " no", balanced); and captions ("Describe the image."),
+     a dense signal that teaches the vision encoder to see before yes/no can be learned
+     (the shapesworld notes saw joint yes/no training stay at chance without help);
+   - *text*: the stage jobs of :mod:`ospo.shapes.tasks` (write prompts, name objects,
+     perturb, densify, decompose), asked with the templates of :mod:`ospo.templates` and
+     answered in the labelled lines that :mod:`ospo.parsing` reads;
+4. **evaluation** on held-out scenes: yes/no accuracy, and the parse rate of each stage
+   job through the real parsers; the final step is the base model (fixed by the recipe,
+   never picked by looking at OSPO results);
+5. ``save_pretrained`` (float16 weights, float32 when loaded on CPU) + ``recipe.json``:
+   the recipe hash (:func:`recipe_hash`: its settings and the source of every module that
+   shapes the data or the model), settings, timings, training curves, evaluation.
 
-- the stock ``forward`` re-embeds the argmin indices, so reconstruction sends no gradient
-  to the encoder: :func:`vq_forward` is a training forward built from the model's own
-  parts (encoder -> quant_conv -> nearest code with a straight-through estimator ->
-  post_quant_conv -> decoder);
-- ``decode`` unit-normalizes codebook vectors while ``encode`` quantizes against the raw
-  book: we train with the latent and the codebook unit-normalized (cosine codes) and keep
-  the stored book normalized, so stock ``encode`` picks the same codes as training
-  (``argmin |z|^2 + 1 - 2 z.e`` = ``argmax z.e`` when every ``|e| = 1``);
-- ``JanusVQVAE.__init__`` calls ``eval()``: we switch to train mode;
-- unused codes die: every ``reset_every`` steps, codes unused since the last reset are
-  re-seeded from latents of the current batch;
-- object pixels are few: they weigh ``object_weight`` times the background's in the loss.
+Held-out scenes (:func:`ospo.shapes.grammar.heldout_scenes`) never appear in training data.
+The shipped checkpoint lives in ``ospo/checkpoints/shapes-janus`` (``shapes:`` as a model
+path); ``tests/test_shapes_pretrain.py`` fails when the recipe changed without a rebuild.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ospo.shapes import grammar as gr
+from ospo.shapes import tasks
+from ospo.shapes import vq as vqm
 from ospo.shapes import world as w
+from ospo.shapes.world import Group, Scene
+
+CAPTION_TEXT = "Describe the image."
+PACKAGED = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-janus"
 
 
-# --- data --------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    """Every setting of the recipe (all ours: the paper does not pretrain a model)."""
 
-def scene_batch(rng: random.Random, n: int, exclude: set | None = None) -> tuple[np.ndarray, list[w.Layout]]:
-    """n rendered scenes drawn over the covered sub-categories (held-out scenes excluded)."""
-    layouts = []
-    while len(layouts) < n:
-        sub = rng.choice(w.COVERED)
-        s = w.sample_scene(sub, rng)
-        if exclude and s in exclude:
-            continue
-        layouts.append(w.sample_layout(s, rng))
-    return w.render_batch(layouts), layouts
+    seed: int = 0
+    # tokenizer
+    vocab_size: int = 640
+    # VQ (ospo.shapes.vq)
+    vq_steps: int = 450
+    vq_batch: int = 32
+    vq_lr: float = 2e-3
+    vq_channels: int = 32
+    vq_levels: int = 4
+    codebook: int = 256
+    # language model + vision encoder + generation head
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    kv_heads: int = 2
+    vision_layers: int = 2
+    steps: int = 1300
+    copy_weight: float = 2.0   # text jobs that copy from the prompt are drawn this much more often than writing
+    lr: float = 1.5e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 60
+    weight_decay: float = 0.01
+    gen_pool: int = 8000
+    und_pool: int = 4000
+    gen_rows: int = 32
+    uncond_frac: float = 0.1
+    yes_no_rows: int = 32
+    caption_rows: int = 8
+    text_rows: int = 24
+    w_gen: float = 1.0
+    w_yes_no: float = 1.0
+    w_caption: float = 0.5
+    w_text: float = 1.0
+    eval_every: int = 100
+    eval_yes_no: int = 400
+    eval_text: int = 40
 
 
-def to_pixels(imgs: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 64, 64, 3) -> float (N, 3, 64, 64) in [-1, 1] (Janus' image normalization)."""
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def recipe_hash(recipe: Recipe) -> str:
+    """Settings + the source of every module that shapes the data, the model or the
+    training: a checkpoint carries the hash of the recipe that made it."""
+    from ospo import engine, templates, tiny, understanding
+    from ospo.shapes import evaluate as ev
+
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
+    for mod in (sys.modules[__name__], tasks, vqm, w, gr, templates, tiny, understanding, engine):
+        h.update(Path(mod.__file__).read_bytes())
+    # the evaluator labels the yes/no data: its detection part (not its reporting) counts
+    h.update(Path(ev.__file__).read_text(encoding="utf-8").split("# --- aggregation")[0].encode())
+    return h.hexdigest()[:16]
 
 
-def to_uint8(pix: torch.Tensor) -> np.ndarray:
-    return ((pix.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def vq_hash(recipe: Recipe) -> str:
+    keys = ("seed", "vq_steps", "vq_batch", "vq_lr", "vq_channels", "vq_levels", "codebook")
+    h = hashlib.sha256(json.dumps({k: getattr(recipe, k) for k in keys}, sort_keys=True).encode())
+    for mod in (vqm, w, gr):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
-# --- the model ---------------------------------------------------------------------------
+def packaged_checkpoint() -> Path:
+    """The shipped ShapesWorld checkpoint (``shapes:``), or a clear error saying how to build it."""
+    if not (PACKAGED / "config.json").exists():
+        raise FileNotFoundError(f"the ShapesWorld checkpoint is missing from {PACKAGED}; build it with "
+                                f"`python -m ospo.shapes.pretrain` (about 45 minutes on 2 CPU cores)")
+    return PACKAGED
 
-def vq_config(*, channels: int = 32, levels: int = 4, codebook: int = 256, grid: int = 8):
-    """The VQ sub-config of :func:`ospo.tiny.tiny_config` (same formula), standalone."""
-    from ospo.tiny import build_tokenizer, tiny_config
 
-    return tiny_config(build_tokenizer(), grid=grid, codebook=codebook, vq_channels=channels, vq_levels=levels).vq_config
+def cache_root() -> Path:
+    return Path(os.environ.get("OSPO_CACHE", Path.home() / ".cache" / "ospo"))
 
 
-def build_vq(config=None, seed: int = 0):
+# --- pieces ------------------------------------------------------------------------------
+
+def build_world_tokenizer(recipe: Recipe):
+    from ospo.tiny import build_tokenizer
+
+    extra = tasks.corpus(2000, seed=recipe.seed) + [CAPTION_TEXT]
+    return build_tokenizer(vocab_size=recipe.vocab_size, extra_corpus=extra)
+
+
+def model_config(recipe: Recipe, tokenizer):
+    from ospo.tiny import tiny_config
+
+    return tiny_config(tokenizer, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
+                       kv_heads=recipe.kv_heads, grid=w.GRID, codebook=recipe.codebook,
+                       vq_channels=recipe.vq_channels, vq_levels=recipe.vq_levels,
+                       vision_layers=recipe.vision_layers)
+
+
+def train_or_load_vq(recipe: Recipe, cache: Path | None, progress: bool = True):
+    """The recipe's VQ: from the cache when a VQ of the same settings and code exists."""
     from transformers import JanusVQVAE
 
-    torch.manual_seed(seed)
-    vq = JanusVQVAE(config or vq_config())
-    normalize_codebook_(vq)
-    return vq
+    target = (cache or cache_root()) / f"shapes-vq-{vq_hash(recipe)}"
+    if (target / "vq" / "config.json").exists():
+        print(f"[pretrain] VQ: reusing {target}", file=sys.stderr)
+        vq = JanusVQVAE.from_pretrained(target / "vq")
+        return vq.eval(), json.loads((target / "vq_stats.json").read_text())
+    print(f"[pretrain] VQ: training {recipe.vq_steps} steps (cached in {target})", file=sys.stderr)
+    vq = vqm.build_vq(vqm.vq_config(channels=recipe.vq_channels, levels=recipe.vq_levels, codebook=recipe.codebook),
+                      seed=recipe.seed)
+    stats = vqm.train_vq(vq, steps=recipe.vq_steps, minutes=None, batch_size=recipe.vq_batch, lr=recipe.vq_lr,
+                         seed=recipe.seed, progress=progress)
+    stats["eval"] = vqm.recognition(vq, n=200)
+    print(f"[pretrain] VQ: {stats['steps']} steps in {stats['seconds']} s, held-out scenes recognised after a "
+          f"round trip: {stats['eval']['recognised']:.3f}", file=sys.stderr)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    vq.save_pretrained(tmp / "vq")
+    (tmp / "vq_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return vq, stats
+
+
+def full_scene(layout: w.Layout) -> Scene:
+    """The most specific description of a layout: every object's colour, groups by
+    (shape, colour), and the scene's relation when its two groups stay two groups."""
+    keys: list[tuple[str, str]] = []
+    for o in layout.objects:
+        if (o.shape, o.color) not in keys:
+            keys.append((o.shape, o.color))
+    counts = {k: sum((o.shape, o.color) == k for o in layout.objects) for k in keys}
+    groups = tuple(Group(s, counts[(s, c)], c) for s, c in keys)
+    rel = layout.scene.relation if layout.scene.relation is not None and len(groups) == 2 else None
+    return Scene(groups, rel)
+
+
+class Batcher:
+    """Draws every training row of the recipe from one seeded stream.
+
+    Images come from a pool rendered and VQ-coded once at the start (``gen_pool`` scenes
+    with their tokens, ``und_pool`` scenes with their VQ reconstructions and the
+    evaluator's detections on the true render): the VQ's full-resolution convolutions cost
+    more per image than a training step spends on it, so each pooled image serves several
+    steps, each time with another prompt wording, question or caption.
+    """
+
+    def __init__(self, engine, vq, recipe: Recipe, seed_tag: str = "train", progress: bool = True):
+        from ospo.shapes.grammar import heldout_scenes
+
+        self.e, self.vq, self.r = engine, vq, recipe
+        self.rng = random.Random(f"shapes-pretrain:{recipe.seed}:{seed_tag}")
+        self.exclude = heldout_scenes()
+        tok = engine.tokenizer
+        self.yes = tok(" yes", add_special_tokens=False)["input_ids"]
+        self.no = tok(" no", add_special_tokens=False)["input_ids"]
+        self._fill(progress)
+
+    def _fill(self, progress: bool, chunk: int = 128) -> None:
+        from tqdm import tqdm
+
+        from ospo.shapes.evaluate import detect
+
+        r = self.r
+        self.gen_scenes = self.scenes(r.gen_pool)
+        self.gen_tokens = torch.empty((r.gen_pool, w.GRID * w.GRID), dtype=torch.long)
+        self.und_layouts = [w.sample_layout(s, self.rng) for _, s in self.scenes(r.und_pool)]
+        self.und_recon = np.empty((r.und_pool, w.SIZE, w.SIZE, 3), dtype=np.uint8)
+        self.und_dets = []
+        bar = tqdm(total=r.gen_pool + r.und_pool, desc="data pool", unit="img", disable=not progress)
+        for a in range(0, r.gen_pool, chunk):
+            lay = [w.sample_layout(s, self.rng) for _, s in self.gen_scenes[a:a + chunk]]
+            self.gen_tokens[a:a + len(lay)] = self.vq_tokens(w.render_batch(lay))
+            bar.update(len(lay))
+        for a in range(0, r.und_pool, chunk):
+            imgs = w.render_batch(self.und_layouts[a:a + chunk])
+            self.und_recon[a:a + len(imgs)] = reconstruct(self.vq, imgs)
+            self.und_dets += [detect(im) for im in imgs]
+            bar.update(len(imgs))
+        bar.close()
+
+    def scenes(self, n: int) -> list[tuple[str, Scene]]:
+        return [tasks.sample_scene(self.rng, self.exclude) for _ in range(n)]
+
+    @torch.no_grad()
+    def vq_tokens(self, imgs: np.ndarray) -> torch.Tensor:
+        return self.vq.encode(vqm.to_pixels(imgs), return_dict=True).image_tokens.view(len(imgs), -1)
+
+    def generation(self) -> tuple[list[list[int]], torch.Tensor]:
+        pick = [self.rng.randrange(self.r.gen_pool) for _ in range(self.r.gen_rows)]
+        ids = self.e.image_prompt_ids([gr.describe(self.gen_scenes[i][1], self.rng) for i in pick])
+        for i in range(len(ids)):
+            if self.rng.random() < self.r.uncond_frac:   # generate()'s unconditional row
+                ids[i] = [ids[i][0]] + [self.e.ids.pad] * (len(ids[i]) - 2) + [ids[i][-1]]
+        return ids, self.gen_tokens[pick]
+
+    def understanding(self) -> tuple[list[list[int]], list[int], np.ndarray, list[str]]:
+        """Rows of (ids, answer start), their images (VQ reconstructions) and kinds."""
+        from ospo.understanding import image_chat_ids, query_ids
+
+        n_yn, n_cap = self.r.yes_no_rows, self.r.caption_rows
+        pick = [self.rng.randrange(self.r.und_pool) for _ in range(n_yn + n_cap)]
+        rows, starts, kinds = [], [], []
+        for j, i in enumerate(pick):
+            lay = self.und_layouts[i]
+            if j < n_yn:
+                q, truth = yes_no_question(self.rng, lay.scene, self.und_dets[i], self.rng.random() < 0.5)
+                head = query_ids(self.e, q)
+                ans = (self.yes if truth else self.no) + [self.e.ids.eos]
+                kinds.append("yes_no")
+            else:
+                head = image_chat_ids(self.e, CAPTION_TEXT)
+                ans = self.e.tokenizer(" " + gr.describe(full_scene(lay), self.rng), add_special_tokens=False)["input_ids"]
+                ans = ans + [self.e.ids.eos]
+                kinds.append("caption")
+            rows.append(head + ans)
+            starts.append(len(head))
+        return rows, starts, self.und_recon[pick], kinds
+
+    def text(self) -> tuple[list[list[int]], list[int]]:
+        rows, starts = [], []
+        while len(rows) < self.r.text_rows:
+            # The copying jobs (objects, perturb, dense, decompose) are learned late: a small
+            # transformer first writes the format and ignores the prompt (measured in a pilot).
+            weights = [1.0 if t == "prompts" else self.r.copy_weight for t in tasks.TASKS]
+            ex = tasks.example(self.rng.choices(tasks.TASKS, weights)[0], self.rng, self.exclude)
+            if ex is None:
+                continue
+            ids, start = text_row(self.e, *ex)
+            rows.append(ids)
+            starts.append(start)
+        return rows, starts
+
+
+def yes_no_question(rng: random.Random, scene: Scene, dets, want: bool) -> tuple[str, bool]:
+    """A question about an image of ``scene``, true or false as ``want`` asks when the drawn
+    candidates allow it: the scene's own questions, a perturbation's (the near misses stage 4
+    must tell apart), or another scene's. Labels always come from the evaluator's
+    detections, never from what the prompt asked."""
+    from ospo.shapes.evaluate import check
+
+    for _ in range(8):
+        r = rng.random()
+        if r < 0.35:
+            cand = scene
+        elif r < 0.85:
+            cand = tasks.perturb_scene(scene, rng.choice(["replace", "swap", "drop"]), rng) or scene
+        else:
+            cand = tasks.sample_scene(rng)[1]
+        qs = gr.questions(cand)
+        truth = gr.answers(cand, check(cand, dets)["requirements"])
+        pick = [i for i, t in enumerate(truth) if t == want]
+        if pick:
+            i = rng.choice(pick)
+            return qs[i]["question"], truth[i]
+    i = rng.randrange(len(qs))
+    return qs[i]["question"], truth[i]
+
+
+def text_row(engine, user_text: str, answer: str) -> tuple[list[int], int]:
+    """Ids of chat(user) + " " + answer + EOS, and where the answer starts: the same string
+    :meth:`ospo.engine.Engine.generate_text` builds before it samples after the label."""
+    head = engine.chat(user_text)
+    tok = engine.tokenizer
+    h = tok(head, add_special_tokens=True)["input_ids"]
+    full = tok(head + " " + answer, add_special_tokens=True)["input_ids"]
+    start = 0
+    while start < min(len(h), len(full)) and h[start] == full[start]:
+        start += 1
+    return list(full) + [engine.ids.eos], start
 
 
 @torch.no_grad()
-def normalize_codebook_(vq) -> None:
-    emb = vq.quantize.embedding.weight
-    emb.copy_(F.normalize(emb, dim=-1))
+def reconstruct(vq, imgs: np.ndarray) -> np.ndarray:
+    """uint8 VQ round trip (stock encode -> decode), as a generated PNG holds it."""
+    out, _ = vqm.reconstruct(vq, imgs)
+    return out
 
 
-def vq_forward(vq, pixel_values: torch.Tensor) -> dict:
-    """The training forward: reconstruction with gradient to the encoder (straight-through),
-    plus the codebook and commitment losses; ``indices`` are what stock ``encode`` picks
-    when the stored codebook is unit-normalized."""
-    h = vq.quant_conv(vq.encoder(pixel_values))               # (B, D, g, g)
-    z = F.normalize(h.permute(0, 2, 3, 1), dim=-1)            # (B, g, g, D), unit latents
-    book = F.normalize(vq.quantize.embedding.weight, dim=-1)  # (K, D)
-    idx = torch.einsum("bhwd,kd->bhwk", z.detach(), book.detach()).argmax(-1)
-    e = book[idx]                                             # (B, g, g, D)
-    codebook_loss = F.mse_loss(e, z.detach())
-    commit_loss = F.mse_loss(z, e.detach())
-    zq = z + (e - z).detach()                                 # straight-through
-    recon = vq.decoder(vq.post_quant_conv(zq.permute(0, 3, 1, 2).contiguous()))
-    return {"recon": recon, "indices": idx.flatten(1), "codebook_loss": codebook_loss, "commit_loss": commit_loss}
+def lm_loss(model, rows: list[list[int]], starts: list[int], pad: int, pixel_values=None) -> torch.Tensor:
+    """Mean cross-entropy of each row's answer tokens (from ``start``), rows left padded."""
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        off = T - len(r)
+        ids[i, off:] = torch.tensor(r)
+        mask[i, off:] = 1
+        labels[i, off + s:] = torch.tensor(r[s:])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def recon_loss(recon: torch.Tensor, target: torch.Tensor, object_weight: float) -> torch.Tensor:
-    is_obj = (target < 0.99).any(1, keepdim=True).float()     # non-white pixels
-    weight = 1.0 + (object_weight - 1.0) * is_obj
-    return ((recon - target) ** 2 * weight).sum() / (weight.sum() * recon.shape[1])
+# --- evaluation --------------------------------------------------------------------------
+
+def yes_no_eval_set(recipe: Recipe, n: int, vq) -> list[tuple[np.ndarray, str, bool]]:
+    """Held-out scenes (never trained on), VQ-reconstructed, with balanced questions whose
+    truth the evaluator reads off the true render."""
+    from ospo.shapes.evaluate import detect
+
+    held = gr.heldout_records()
+    rng = random.Random(f"shapes-pretrain-eval:{recipe.seed}")
+    imgs, qs = [], []
+    for i in range(n):
+        rec = held[i % len(held)]
+        s = Scene.from_dict(rec["scene"])
+        img = w.render(w.sample_layout(s, rng))
+        imgs.append(img)
+        qs.append(yes_no_question(rng, s, detect(img), i % 2 == 0))
+    recon = reconstruct(vq, np.stack(imgs)) if imgs else []
+    return [(r, q, t) for r, (q, t) in zip(recon, qs)]
 
 
 @torch.no_grad()
-def reconstruct(vq, imgs: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Stock path: ``encode`` -> tokens -> ``decode``. Returns (uint8 images, tokens)."""
-    vq.eval()
-    outs, toks = [], []
-    for a in range(0, len(imgs), batch_size):
-        enc = vq.encode(to_pixels(imgs[a:a + batch_size]), return_dict=True)
-        t = enc.image_tokens.view(len(imgs[a:a + batch_size]), -1)
-        outs.append(to_uint8(vq.decode(t)))
-        toks.append(t.cpu().numpy())
-    return np.concatenate(outs), np.concatenate(toks)
+def yes_no_eval(engine, items) -> dict:
+    """Accuracy of p(yes) > p(no) through the stage-4 scorer (:func:`ospo.understanding.yes_no_probs`)."""
+    from ospo.shapes.world import to_pil
+    from ospo.understanding import yes_no_probs
+
+    engine.model.eval()
+    scores = yes_no_probs(engine, [to_pil(r) for r, _, _ in items], [[q] for _, q, _ in items], batch_size=64)
+    pred = [sc.p_yes[0] > sc.p_no[0] for sc in scores]
+    truth = [t for _, _, t in items]
+    acc = float(np.mean([p == t for p, t in zip(pred, truth)]))
+    return {"accuracy": acc, "n": len(items), "yes_rate": float(np.mean(pred)),
+            "truth_yes_rate": float(np.mean(truth))}
 
 
-def recognition(vq, n: int = 200, seed: int = 12345) -> dict:
-    """Fraction of held-out scenes the evaluator accepts after a VQ round trip."""
-    from ospo.shapes.evaluate import evaluate
-    from ospo.shapes.grammar import heldout_records
+@torch.no_grad()
+def text_eval(engine, recipe: Recipe, n: int) -> dict:
+    """Each stage job on held-out prompts, greedy, through the real parsers: the fraction
+    whose output parses (and, where the grammar knows the answer, is right)."""
+    from ospo import parsing, templates
 
-    held = heldout_records()
-    scenes = [w.Scene.from_dict(held[i % len(held)]["scene"]) for i in range(n)]
-    layouts = w.sample_layouts(scenes, seed=seed, tag="vq-eval")
-    imgs = w.render_batch(layouts)
-    rec, _ = reconstruct(vq, imgs)
-    ok = [evaluate(s, r)["correct"] for s, r in zip(scenes, rec)]
-    return {"recognised": float(np.mean(ok)), "n": n,
-            "pixel_mse": float(((rec.astype(np.float32) - imgs) / 127.5).__pow__(2).mean())}
+    engine.model.eval()
+    held = gr.heldout_records()
+    rng = random.Random(f"shapes-pretrain-text:{recipe.seed}")
+    pick = [held[(i * 7) % len(held)] for i in range(n)]
+    out: dict[str, float] = {}
+    # stage 1: write prompts (sampled at the stage's temperature, seeds fixed)
+    seeds_ex = {}
+    for r in gr.seed_example_records():
+        seeds_ex.setdefault(r["sub_category"], []).append((r["prompt"], r["objects"]))
+    subs = list(w.COVERED)
+    texts = [templates.prompt_writing(subs[i % len(subs)], seeds_ex[subs[i % len(subs)]], 3) for i in range(n)]
+    outs = engine.generate_text(texts, seeds=list(range(n)), prefix=templates.PROMPT_PREFIX, max_new_tokens=96,
+                                temperature=1.0, top_p=0.95, batch_size=32)
+    got = [parsing.parse_prompt_list(o, max_objects=3)[0] for o in outs]
+    cands = [p for g in got for p, _ in g]
+    out["prompts_per_request"] = float(np.mean([len(g) for g in got]))
+    out["prompts_in_grammar"] = float(np.mean([gr.parse(p) is not None for p in cands])) if cands else 0.0
+    out["prompts_distinct"] = len({parsing.normalize(p) for p in cands}) / max(1, len(cands))
+    # stage 1: object naming
+    outs = engine.generate_text([templates.object_naming(r["prompt"]) for r in pick], seeds=list(range(n)),
+                                prefix=templates.OBJECTS_PREFIX, max_new_tokens=16, temperature=0.0, stop_newlines=1,
+                                batch_size=32)
+    out["objects_exact"] = float(np.mean([parsing.parse_objects(o, r["prompt"], max_objects=3)[0] == r["objects"]
+                                          for o, r in zip(outs, pick)]))
+    # stage 2: perturbation (op schedule of the stage) and densification
+    ops = [templates.schedule(r["sub_category"], 3)[i % 3] for i, r in enumerate(pick)]
+    outs = engine.generate_text([templates.perturbation(op, r["prompt"]) for op, r in zip(ops, pick)],
+                                seeds=list(range(n)), prefix=templates.PERTURBED_PREFIX, max_new_tokens=24,
+                                temperature=1.0, top_p=0.95, stop_newlines=1, batch_size=32)
+    parsed = [parsing.parse_perturbation(o, r["prompt"], op)[0] for o, r, op in zip(outs, pick, ops)]
+    out["perturb_valid"] = float(np.mean([p is not None for p in parsed]))
+    out["perturb_in_grammar"] = float(np.mean([p is not None and gr.parse(p) is not None for p in parsed]))
+    pairs = [(r, p) for r, p in zip(pick, parsed) if p is not None]
+    if pairs:
+        outs = engine.generate_text([templates.densification(r["prompt"], p) for r, p in pairs],
+                                    seeds=list(range(len(pairs))), prefix=templates.DENSE_A_PREFIX, max_new_tokens=48,
+                                    temperature=1.0, top_p=0.95, stop_newlines=2, batch_size=32)
+        dense = [parsing.parse_dense(o, r["prompt"], p, r["objects"])[0] for o, (r, p) in zip(outs, pairs)]
+        out["dense_valid"] = float(np.mean([d is not None for d in dense]))
+        out["dense_same_scenes"] = float(np.mean([d is not None and gr.parse(d[0]) == gr.parse(r["prompt"])
+                                                  and gr.parse(d[1]) == gr.parse(p)
+                                                  for d, (r, p) in zip(dense, pairs)]))
+    # stage 4: decomposition
+    outs = engine.generate_text([templates.decomposition(r["prompt"]) for r in pick], seeds=list(range(n)),
+                                prefix=templates.QUESTION_PREFIX, max_new_tokens=64, temperature=0.0,
+                                stop_newlines=11, batch_size=32)
+    qs = [parsing.parse_questions(o, min_questions=1, max_questions=10)[0] for o in outs]
+    out["questions_valid"] = float(np.mean([q is not None for q in qs]))
+    out["questions_exact"] = float(np.mean([q == [x["question"] for x in gr.questions(Scene.from_dict(r["scene"]))]
+                                            for q, r in zip(qs, pick)]))
+    del rng
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 # --- training ----------------------------------------------------------------------------
 
-def train_vq(vq, *, minutes: float | None = 8.0, steps: int | None = None, batch_size: int = 32,
-             lr: float = 2e-3, object_weight: float = 5.0, beta: float = 0.25, reset_every: int = 25,
-             seed: int = 0, log_every: int = 25, progress: bool = True) -> dict:
-    """Train in place for ``steps`` or ``minutes`` (whichever ends first). Returns stats."""
+def lr_at(step: int, r: Recipe) -> float:
+    if step < r.warmup:
+        return r.lr * (step + 1) / r.warmup
+    t = (step - r.warmup) / max(1, r.steps - r.warmup)
+    return r.lr * (r.min_lr_frac + (1 - r.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def train_lm(engine, vq, recipe: Recipe, *, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from ospo.shapes.grammar import heldout_scenes
+    from ospo.logps import pad_prompts, visual_logps_padded
 
-    exclude = heldout_scenes()
-    vq.train()
-    opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.9, 0.99))
-    rng = random.Random(f"shapes-vq:{seed}")
-    K = vq.quantize.num_embeddings
-    used = torch.zeros(K, dtype=torch.bool)
-    t0 = time.perf_counter()
-    budget = math.inf if minutes is None else minutes * 60
-    total = steps if steps is not None else None
-    bar = tqdm(total=total, desc="vq", unit="step", disable=not progress)
-    step, hist = 0, []
-    while (steps is None or step < steps) and time.perf_counter() - t0 < budget:
-        imgs, _ = scene_batch(rng, batch_size, exclude)
-        x = to_pixels(imgs)
-        out = vq_forward(vq, x)
-        rl = recon_loss(out["recon"], x, object_weight)
-        loss = rl + out["codebook_loss"] + beta * out["commit_loss"]
+    model = engine.model
+    for p in model.model.vqmodel.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+    batcher = Batcher(engine, vq, recipe, progress=progress)
+    eval_items = yes_no_eval_set(recipe, min(recipe.eval_yes_no, 200), vq)
+    hist, t0 = [], time.perf_counter()
+    bar = tqdm(range(recipe.steps), desc="lm", unit="step", disable=not progress)
+    for step in bar:
+        model.train()
+        model.model.vqmodel.eval()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, recipe)
+        ids, toks = batcher.generation()
+        input_ids, attn = pad_prompts(ids, engine.ids.pad)
+        gen = -visual_logps_padded(model, input_ids, attn, toks).mean()
+        u_rows, u_starts, recon, kinds = batcher.understanding()
+        t_rows, t_starts = batcher.text()
+        n_yn = kinds.count("yes_no")
+        pv = vqm.to_pixels(recon)
+        yn = lm_loss(model, u_rows[:n_yn], u_starts[:n_yn], engine.ids.pad, pv[:n_yn]) if n_yn else gen.new_zeros(())
+        cap = (lm_loss(model, u_rows[n_yn:], u_starts[n_yn:], engine.ids.pad, pv[n_yn:])
+               if len(u_rows) > n_yn else gen.new_zeros(()))
+        txt = lm_loss(model, t_rows, t_starts, engine.ids.pad) if t_rows else gen.new_zeros(())
+        loss = recipe.w_gen * gen + recipe.w_yes_no * yn + recipe.w_caption * cap + recipe.w_text * txt
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        normalize_codebook_(vq)
-        used[out["indices"].unique()] = True
-        step += 1
-        if step % reset_every == 0:
-            dead = (~used).nonzero().flatten()
-            if len(dead):
-                with torch.no_grad():
-                    h = F.normalize(vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, vq.quantize.embedding_dim), dim=-1)
-                    pick = torch.randint(len(h), (len(dead),), generator=torch.Generator().manual_seed(step))
-                    vq.quantize.embedding.weight[dead] = h[pick] + 0.01 * torch.randn(len(dead), h.shape[1])
-                    normalize_codebook_(vq)
-            hist.append({"step": step, "loss": loss.item(), "recon": rl.item(), "codes_used": int(used.sum()),
-                         "reset": int(len(dead))})
-            used.zero_()
-        if step % log_every == 0:
-            bar.set_postfix(recon=f"{rl.item():.4f}", codes=int(out['indices'].unique().numel()))
-        bar.update(1)
-    bar.close()
-    vq.eval()
-    return {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "history": hist}
+        rec = {"step": step + 1, "gen": round(gen.item(), 4), "yes_no": round(yn.item(), 4),
+               "caption": round(cap.item(), 4), "text": round(txt.item(), 4), "lr": opt.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - t0, 1)}
+        if recipe.eval_every and ((step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps):
+            rec["yes_no_acc"] = yes_no_eval(engine, eval_items)["accuracy"]
+        hist.append(rec)
+        bar.set_postfix(gen=f"{rec['gen']:.2f}", yn=f"{rec['yes_no']:.2f}", cap=f"{rec['caption']:.2f}",
+                        txt=f"{rec['text']:.2f}", **({"acc": rec["yes_no_acc"]} if "yes_no_acc" in rec else {}))
+        if "yes_no_acc" in rec:
+            print(f"[pretrain] step {rec['step']}: {json.dumps(rec)}", file=sys.stderr, flush=True)
+    model.eval()
+    return {"steps": recipe.steps, "seconds": round(time.perf_counter() - t0, 1), "history": hist}
+
+
+def build(out: str | os.PathLike, recipe: Recipe | None = None, *, vq_cache: Path | None = None,
+          progress: bool = True, evaluate: bool = True, threads: int = 2) -> dict:
+    """Run the whole recipe and write the checkpoint to ``out``. Returns ``recipe.json``'s dict."""
+    from transformers import JanusForConditionalGeneration
+
+    from ospo.engine import Engine
+    from ospo.tiny import make_processor, save_checkpoint
+
+    recipe = recipe or Recipe()
+    # More threads than free cores makes torch's CPU kernels wait on each other (10x slower
+    # measured here with one other busy process): 1 when the machine is shared.
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    peak = _PeakRSS()
+    tok = build_world_tokenizer(recipe)
+    vq, vq_stats = train_or_load_vq(recipe, vq_cache, progress)
+    t_vq = time.perf_counter() - t0
+    torch.manual_seed(recipe.seed)
+    config = model_config(recipe, tok)
+    model = JanusForConditionalGeneration(config)
+    model.model.vqmodel.load_state_dict(vq.state_dict())
+    model.model.vqmodel.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[pretrain] model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)}; training {recipe.steps} steps",
+          file=sys.stderr)
+    engine = Engine(model, make_processor(tok, config), path=str(out), device=torch.device("cpu"), dtype=torch.float32)
+    stats = train_lm(engine, model.model.vqmodel, recipe, progress=progress)
+    t_lm = time.perf_counter() - t0 - t_vq
+    result = {"recipe_hash": recipe_hash(recipe), "vq_hash": vq_hash(recipe), "recipe": dataclasses.asdict(recipe),
+              "parameters": n_params, "vocab": len(tok),
+              "seconds": {"vq": round(t_vq, 1), "lm": round(t_lm, 1)}, "vq": {k: v for k, v in vq_stats.items() if k != "history"},
+              "lm_history": stats["history"], "command": " ".join(["python -m ospo.shapes.pretrain"] + ([] if Path(out).resolve() == PACKAGED else [f"--out {out}"])
+                                + [f"--set {k}={v}" for k, v in dataclasses.asdict(recipe).items()
+                                   if v != getattr(Recipe(), k)])}
+    if evaluate:
+        t1 = time.perf_counter()
+        result["eval"] = {"yes_no": yes_no_eval(engine, yes_no_eval_set(recipe, recipe.eval_yes_no, model.model.vqmodel)),
+                          "text": text_eval(engine, recipe, recipe.eval_text)}
+        result["seconds"]["eval"] = round(time.perf_counter() - t1, 1)
+        print(f"[pretrain] eval: {json.dumps(result['eval'])}", file=sys.stderr)
+    result["peak_rss_mb"] = peak.stop()
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    save_checkpoint(model.half(), tok, tmp)
+    (tmp / "recipe.json").write_text(json.dumps(result, indent=1) + "\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"[pretrain] wrote {out} ({result['seconds']})", file=sys.stderr)
+    return result
+
+
+class _PeakRSS:
+    """Peak resident memory of this process (MiB), from the kernel's own accounting."""
+
+    def stop(self) -> float:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _parse_set(items: list[str]) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or k not in fields:
+            raise SystemExit(f"ospo: error: --set {it!r}: expected key=value with key one of {', '.join(fields)}")
+        typ = type(getattr(Recipe(), k))
+        try:
+            out[k] = typ(v)
+        except ValueError:
+            raise SystemExit(f"ospo: error: --set {it!r}: {k} takes a {typ.__name__}") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m ospo.shapes.pretrain")
-    sub = ap.add_subparsers(dest="what", required=True)
-    v = sub.add_parser("vq", help="train the VQ tokenizer")
-    v.add_argument("--out", required=True)
-    v.add_argument("--minutes", type=float, default=8.0)
-    v.add_argument("--steps", type=int, default=None)
-    v.add_argument("--batch-size", type=int, default=32)
-    v.add_argument("--lr", type=float, default=2e-3)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--eval-n", type=int, default=200)
+    ap = argparse.ArgumentParser(prog="python -m ospo.shapes.pretrain", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(PACKAGED), help=f"checkpoint directory (default: {PACKAGED}, the shipped one)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe settings (see Recipe)")
+    ap.add_argument("--vq-cache", default=None, help="where trained VQs are cached (default: ~/.cache/ospo)")
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when other work shares the cores)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    vq = build_vq(seed=a.seed)
-    stats = train_vq(vq, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    out = Path(a.out)
-    vq.save_pretrained(out / "vq")
-    stats["eval"] = recognition(vq, n=a.eval_n)
-    (out / "vq_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in stats.items() if k != "history"}), file=sys.stderr)
-    return stats
+    recipe = Recipe(**_parse_set(a.set))
+    return build(a.out, recipe, vq_cache=Path(a.vq_cache) if a.vq_cache else None, evaluate=not a.no_eval, threads=a.threads)
 
 
 if __name__ == "__main__":
