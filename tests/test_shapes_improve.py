@@ -1,5 +1,5 @@
 """The ShapesWorld measurement command at a small size (one seed, one ablation, a few
-prompts): it runs base evaluation, one OSPO iteration, an ablation branched from it, the
+prompts): it runs base evaluation, two OSPO iterations, an ablation branched from it, the
 evaluation of each checkpoint, and writes the JSON and the chart."""
 
 from __future__ import annotations
@@ -12,15 +12,18 @@ from ospo.shapes import improve
 def test_improve_small(tmp_path):
     out = tmp_path / "m"
     res = improve.main(["--out", str(out), "--seeds", "0", "--ablations", "no_masks", "--limit", "40",
-                        "--eval-limit", "5", "--eval-seeds", "1", "--yes-no", "10", "--set", "train.max_steps=2"])
+                        "--eval-limit", "5", "--eval-seeds", "1", "--yes-no", "10", "--iterations", "2",
+                        "--set", "train.max_steps=2"])
     data = json.loads((out / "improve.json").read_text())
     assert (out / "improve.png").stat().st_size > 1000
-    assert set(data["variants"]) == {"ospo", "no_masks"}
+    assert set(data["variants"]) == {"ospo", "no_masks", "ospo_iter2"}
     assert data["base"]["graded"] + data["base"]["ungradeable"] == 5
     ospo, abl = data["runs"]["s0-ospo"], data["runs"]["s0-no_masks"]
     # the ablation is a branch: it reused the OSPO run's stages 1-4 and trained with alpha = 0
     branch = json.loads((out / "runs" / "s0" / "no_masks" / "branch.json").read_text())
     assert branch["from"] == str(out / "runs" / "s0" / "ospo") and branch["first_stage"] == "train"
+    # ...of the FIRST iteration, though the OSPO run went on to a second one
+    assert branch["iteration"] == 0 and data["runs"]["s0-ospo_iter2"]["iteration"] == 1
     assert branch["reused_stages"] == ["prompts", "perturb", "images", "vqa"]
     assert ospo["loop"]["prompts_written"] == abl["loop"]["prompts_written"] > 0
     loop = ospo["loop"]

@@ -213,8 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
         for ab in a.ablations:
             stage, ov = ABLATIONS[ab]
             wd = out / "runs" / f"s{s}" / ab
-            _run(["--stage", "all", "--from", str(src), "--from-stage", stage, "--workdir", str(wd),
-                  "--iterations", "1", *limit, *common, *ov])
+            # --iteration 0: the ablation changes the FIRST iteration (without it a branch starts
+            # from the source's latest iteration, i.e. the second one under --iterations 2)
+            _run(["--stage", "all", "--from", str(src), "--from-stage", stage, "--iteration", "0",
+                  "--workdir", str(wd), "--iterations", "1", *limit, *common, *ov])
             runs[ab] = (wd, 0)
         for name, (wd, it) in runs.items():
             ev_dir = out / "eval" / f"s{s}-{name}"
