@@ -438,7 +438,7 @@ def branch(src: str | Path, dst: str | Path, first_stage: str, view_of, iteratio
     src, dst = Path(src).resolve(), Path(dst)
     if first_stage not in STAGES:
         raise StageError(f"--from: unknown stage {first_stage!r}")
-    reused = STAGES[: STAGES.index(first_stage)]
+    reused = list(STAGES[: STAGES.index(first_stage)])  # a list, as branch.json reads back
     if not (src / "config.yaml").exists():
         raise StageError(f"--from: {src} is not an ospo run directory (no config.yaml)")
     if dst.resolve() == src:

@@ -65,3 +65,8 @@ def test_branch_stage_all_from_stage(base, tmp_path):
     assert not (base / "iter_00" / "checkpoint").exists()
     log = [json.loads(x) for x in (br / "iter_00" / "train_log.jsonl").read_text().splitlines()]
     assert log and all("loss/simpo" in r for r in log)
+    # the same command again resumes the branch: accepted, nothing redone, no new iteration
+    ckpt = _snapshot(br / "iter_00" / "checkpoint")
+    assert ospo_run.main(["--config", TINY, "--stage", "all", "--from", str(base), "--from-stage", "train", "--workdir", str(br),
+                          "train.loss=simpo"]) == 0
+    assert _snapshot(br / "iter_00" / "checkpoint") == ckpt and not (br / "iter_01").exists()

@@ -11,9 +11,9 @@ from ospo.shapes import improve
 
 def test_improve_small(tmp_path):
     out = tmp_path / "m"
-    res = improve.main(["--out", str(out), "--seeds", "0", "--ablations", "no_masks", "--limit", "40",
-                        "--eval-limit", "5", "--eval-seeds", "1", "--yes-no", "10", "--iterations", "2",
-                        "--set", "train.max_steps=2"])
+    argv = ["--out", str(out), "--seeds", "0", "--ablations", "no_masks", "--limit", "40", "--eval-limit", "5",
+            "--eval-seeds", "1", "--yes-no", "10", "--iterations", "2", "--set", "train.max_steps=2"]
+    res = improve.main(argv)
     data = json.loads((out / "improve.json").read_text())
     assert (out / "improve.png").stat().st_size > 1000
     assert set(data["variants"]) == {"ospo", "no_masks", "ospo_iter2"}
@@ -27,6 +27,16 @@ def test_improve_small(tmp_path):
     assert branch["reused_stages"] == ["prompts", "perturb", "images", "vqa"]
     assert ospo["loop"]["prompts_written"] == abl["loop"]["prompts_written"] > 0
     loop = ospo["loop"]
+    # the stage-4 counts come from its manifest and match the pairs it wrote
+    n_pairs = sum(1 for line in (out / "runs" / "s0" / "ospo" / "iter_00" / "pairs.jsonl").read_text().splitlines() if line)
+    assert loop["vqa"]["pairs_kept"] == n_pairs
+    # held-out overlap counts the prompts the evaluated checkpoint trained on (iteration 0),
+    # not the second iteration's: the same for the OSPO run and its iteration-0 branch
+    assert ospo["heldout_overlap"] == abl["heldout_overlap"]
+    # the command again resumes: the same numbers, no third iteration, the branch accepted
+    again = improve.main(argv)
+    assert again["variants"] == res["variants"]
+    assert not (out / "runs" / "s0" / "ospo" / "iter_02").exists()
     assert loop["pairs_scored"]["n"] > 0
     f = loop["filter"]
     assert f["of"] == loop["pairs_scored"]["n"] and f["passed"] <= f["of"]

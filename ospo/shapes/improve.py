@@ -67,13 +67,14 @@ def _evaluate(checkpoint: str, out: Path, a) -> dict:
     return ev.main(argv)
 
 
-def _heldout_overlap_ids(summary_dir: Path, run_dir: Path) -> set[str]:
-    """Held-out prompt ids whose scene the run's self-written prompts also describe."""
+def _heldout_overlap_ids(summary_dir: Path, run_dir: Path, iteration: int) -> set[str]:
+    """Held-out prompt ids whose scene the run's self-written prompts (iterations up to
+    ``iteration``: the data the evaluated checkpoint was trained on) also describe."""
     from ospo.rundir import read_jsonl
     from ospo.shapes import grammar as gr
 
     written = set()
-    for it in sorted(run_dir.glob("iter_*")):
+    for it in sorted(run_dir.glob("iter_*"))[: iteration + 1]:
         if (it / "prompts.jsonl").exists():
             written |= {s for s in (gr.parse(p["prompt"]) for p in read_jsonl(it / "prompts.jsonl")) if s is not None}
     return {r["id"] for r in gr.heldout_records() if gr.Scene.from_dict(r["scene"]) in written}
@@ -106,8 +107,10 @@ def loop_stats(run_dir: Path, iteration: int = 0) -> dict:
            "rejects": {s: m.get("rejects", {}) for s, m in man.items()},
            "counts": {s: m.get("counts", {}) for s, m in man.items()}}
     if "vqa" in man:
-        out["vqa"] = {k: man["vqa"].get(k) for k in ("pairs_scored", "pairs_removed_by_rule", "pairs_kept",
-                                                      "prompts_survived") if k in man["vqa"]}
+        extra = man["vqa"].get("extra", {})
+        out["vqa"] = {k: extra[k] for k in ("pairs_scored", "pairs_removed_by_rule", "pairs_kept", "prompts_survived",
+                                            "mean_S_chosen", "mean_S_rejected", "mean_S_chosen_kept",
+                                            "mean_S_rejected_kept") if k in extra}
     # Grade every scored pair against the ORIGINAL prompt's scene: the truth of "preferred".
     pairs = []
     for rec in read_jsonl(it / "vqa.jsonl"):
@@ -172,7 +175,10 @@ def _chart(result: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2)
     ax.set_xticklabels(cats)
     ax.set_ylabel("ground-truth accuracy")
-    ax.set_ylim(0, 1)
+    tops = [result["base"]["overall"], *result["base"]["sub_category"].values()]
+    tops += [m + sd for v in result["variants"].values() for m, sd in zip(v["mean"].values(), v["sd"].values())
+             if m == m and sd == sd]
+    ax.set_ylim(0, min(1.0, max(0.2, 1.25 * max(tops))))
     ax.legend(fontsize=7, ncol=len(names))
     ax.set_title("ShapesWorld held-out accuracy: base vs one OSPO iteration (error bars: sd over seeds)", fontsize=8)
     fig.tight_layout()
@@ -206,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     for s in a.seeds:
         src = out / "runs" / f"s{s}" / "ospo"
         common = [f"run.seed={s}", *a.set]
-        _run(["--stage", "all", "--workdir", str(src), "--iterations", str(a.iterations), *limit, *common])
+        # --iteration 0: a rerun of the command resumes these iterations instead of adding more
+        _run(["--stage", "all", "--workdir", str(src), "--iteration", "0", "--iterations", str(a.iterations),
+              *limit, *common])
         runs = {"ospo": (src, 0)}
         if a.iterations == 2:
             runs["ospo_iter2"] = (src, 1)
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (wd, it) in runs.items():
             ev_dir = out / "eval" / f"s{s}-{name}"
             summ = _evaluate(str(wd / f"iter_{it:02d}" / "checkpoint"), ev_dir, a)
-            overlap = _heldout_overlap_ids(ev_dir, wd)
+            overlap = _heldout_overlap_ids(ev_dir, wd, it)
             entry = {"seed": s, "run": str(wd), "iteration": it, "summary": summ,
                      "heldout_overlap": len(overlap), "overall_without_overlap": _accuracy_without(ev_dir, overlap),
                      "loop": loop_stats(wd, it)}
