@@ -33,6 +33,8 @@ def test_improve_small(tmp_path):
     # held-out overlap counts the prompts the evaluated checkpoint trained on (iteration 0),
     # not the second iteration's: the same for the OSPO run and its iteration-0 branch
     assert ospo["heldout_overlap"] == abl["heldout_overlap"]
+    if ospo["heldout_overlap"] == 0:
+        assert ospo["base_overall_without_overlap"] == data["base"]["overall"]
     # the command again resumes: the same numbers, no third iteration, the branch accepted
     again = improve.main(argv)
     assert again["variants"] == res["variants"]

@@ -180,7 +180,9 @@ def _chart(result: dict, path: Path) -> None:
              if m == m and sd == sd]
     ax.set_ylim(0, min(1.0, max(0.2, 1.25 * max(tops))))
     ax.legend(fontsize=7, ncol=len(names))
-    ax.set_title("ShapesWorld held-out accuracy: base vs one OSPO iteration (error bars: sd over seeds)", fontsize=8)
+    ax.set_title("ShapesWorld held-out accuracy: base vs one OSPO iteration and its ablations"
+                 + (" (ospo_iter2: two iterations)" if "ospo_iter2" in result["variants"] else "")
+                 + "; error bars: sd over seeds", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
             overlap = _heldout_overlap_ids(ev_dir, wd, it)
             entry = {"seed": s, "run": str(wd), "iteration": it, "summary": summ,
                      "heldout_overlap": len(overlap), "overall_without_overlap": _accuracy_without(ev_dir, overlap),
+                     "base_overall_without_overlap": _accuracy_without(out / "eval" / "base", overlap),
                      "loop": loop_stats(wd, it)}
             per[name].append(entry)
             result["runs"][f"s{s}-{name}"] = entry
@@ -245,7 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
                                     "gain_overall": ms["overall"][0] - base["overall"],
                                     "yes_no": _mean_sd([e["summary"].get("yes_no", {}).get("accuracy") if e["summary"].get("yes_no") else None for e in entries])[0],
                                     "mask_iou": _mean_sd([(e["summary"].get("mask_iou") or {}).get("mean") for e in entries])[0]}
+    # A rerun resumes (finished runs and evaluations are kept): "seconds" is this invocation,
+    # "seconds_total" adds the earlier invocations that wrote this directory.
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    prev = out / "improve.json"
+    prev_total = json.loads(prev.read_text()).get("seconds_total", 0.0) if prev.exists() else 0.0
+    result["seconds_total"] = round(prev_total + result["seconds"], 1)
     (out / "improve.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     _chart(result, out / "improve.png")
     print(format_table(result))
