@@ -37,6 +37,7 @@ def rotate_shapes(prompt: str) -> str:
 @torch.no_grad()
 def prompt_sensitivity(engine, n: int = 64, seed: int = 1) -> dict:
     from ospo.logps import pad_prompts, visual_logps_padded
+    from ospo.sampling import _uncond
     from ospo.shapes import grammar as gr
     from ospo.shapes import vq as vqm
     from ospo.shapes import world as w
@@ -50,10 +51,9 @@ def prompt_sensitivity(engine, n: int = 64, seed: int = 1) -> dict:
     prompts = [r["prompt"] for r in recs]
 
     def per_row(ps: list[str], uncond: bool = False) -> torch.Tensor:
-        ids = engine.image_prompt_ids(ps)
-        if uncond:
-            ids = [[i[0]] + [engine.ids.pad] * (len(i) - 2) + [i[-1]] for i in ids]
-        a, m = pad_prompts(ids, engine.ids.pad)
+        a, m = pad_prompts(engine.image_prompt_ids(ps), engine.ids.pad)
+        if uncond:                                  # the rows stage 3 guides with
+            a = _uncond(engine, a)
         return visual_logps_padded(model, a.to(engine.device), m.to(engine.device), toks).float().mean(-1).cpu()
 
     right = per_row(prompts)
