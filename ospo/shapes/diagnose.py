@@ -21,17 +21,19 @@ import re
 
 import torch
 
-COLORS = ["red", "green", "blue", "yellow"]
-SHAPES = ["circle", "square", "triangle"]
+from ospo.shapes.world import COLORS, SHAPES
 
 
 def rotate_colors(prompt: str) -> str:
-    return re.sub(r"\b(red|green|blue|yellow)\b", lambda m: COLORS[(COLORS.index(m.group(1)) + 1) % 4], prompt)
+    """Every colour word -> the world's next colour (red -> green -> blue -> yellow -> red)."""
+    return re.sub(rf"\b({'|'.join(COLORS)})\b",
+                  lambda m: COLORS[(COLORS.index(m.group(1)) + 1) % len(COLORS)], prompt)
 
 
 def rotate_shapes(prompt: str) -> str:
-    return re.sub(r"\b(circle|square|triangle)(s?)\b",
-                  lambda m: SHAPES[(SHAPES.index(m.group(1)) + 1) % 3] + m.group(2), prompt)
+    """Every shape word (singular or plural) -> the world's next shape."""
+    return re.sub(rf"\b({'|'.join(SHAPES)})(s?)\b",
+                  lambda m: SHAPES[(SHAPES.index(m.group(1)) + 1) % len(SHAPES)] + m.group(2), prompt)
 
 
 @torch.no_grad()
