@@ -16,9 +16,9 @@ not looked up: a large device-to-device copy, read + write bytes over time, best
 
 Caveats, reported with the numbers: the timed call includes the prefill (step 0 here counts
 as reading the weights and the prompt's KV once) and the final host copy of the tokens, so the
-fraction is a slight underestimate. The static KV cache's attention reads the full
-``prompt_len + T`` cache every step (the mask hides the unwritten tail), so the actual traffic
-is larger than the growing-cache minimum: ``fraction_static_kv`` counts that instead. On a tiny
+fraction is a slight underestimate. The sampler's KV cache is preallocated but attention
+reads only the ``prompt_len + t`` columns written so far (:class:`ospo.sampling._KVStore`),
+so the minimum above is also the traffic the kernels see. On a tiny
 random model the steps are launch-bound, not bandwidth-bound: only a real checkpoint's number
 means anything.
 
@@ -156,16 +156,14 @@ def run(engine_or_tiny=None, batch: int = 1, *, guidance_scale: float = 5.0, rep
         rows = 2 * batch
         n_par = step_params(eng, batch)
         total = decode_bytes(n_par, dtype_bytes, n_layers, kv_heads, head_dim, rows, P, T)
-        static = T * (n_par * dtype_bytes + kv_bytes_per_position(n_layers, kv_heads, head_dim, rows, dtype_bytes)
-                      * (P + T))
         bw = device_bandwidth or measure_bandwidth(eng.device)
         out = {
             "model": label, "device": torch.cuda.get_device_name(eng.device), "dtype": str(eng.dtype),
             "batch": batch, "rows": rows, "prompt_len": P, "decode_steps": T, "params_per_step": n_par,
             "dtype_bytes": dtype_bytes, "layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim,
-            "bytes": total, "bytes_static_kv": static, "seconds": best, "ms_per_step": 1e3 * best / T,
+            "bytes": total, "seconds": best, "ms_per_step": 1e3 * best / T,
             "achieved_gb_s": total / best / 1e9, "device_bandwidth_gb_s": bw / 1e9,
-            "fraction": fraction(total, best, bw), "fraction_static_kv": fraction(static, best, bw),
+            "fraction": fraction(total, best, bw),
             "note": "timed call includes the prefill and the token copy to host (slight underestimate); "
                     "device bandwidth measured by a device-to-device copy; a tiny random model is "
                     "launch-bound, only a real checkpoint's fraction is meaningful",

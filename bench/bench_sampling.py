@@ -1,7 +1,8 @@
 """Benchmark stage 3's image sampling, three ways side by side in one run:
 
 1. ``ours_nocap``  :func:`ospo.sampling.sample_images` without mask capture (batched CFG,
-                   left padding, static KV cache, per-row seeded streams);
+                   left padding, a preallocated KV cache read only up to the
+                   written columns, per-row seeded streams);
 2. ``ours_cap``    the same with object-attention capture on layers [s, L - s) (what stage 3
                    runs): the masks come out of the sampling pass itself;
 3. ``stock``       ``model.generate(generation_mode="image", do_sample=True)`` followed by a

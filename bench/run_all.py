@@ -96,8 +96,8 @@ def cuda_bandwidth_section(mode: str = "full", model: str | None = None) -> dict
         return {"error": f"{type(e).__name__}: {e}"}
     for r in rows:
         print(f"[cuda_bandwidth] {r['model']} batch {r['batch']}: {r['achieved_gb_s']:.1f} GB/s of "
-              f"{r['device_bandwidth_gb_s']:.0f} GB/s = {r['fraction']:.3f} of the bound "
-              f"(static KV {r['fraction_static_kv']:.3f}), {r['ms_per_step']:.2f} ms/step")
+              f"{r['device_bandwidth_gb_s']:.0f} GB/s = {r['fraction']:.3f} of the bound, "
+              f"{r['ms_per_step']:.2f} ms/step")
     return {"device_bandwidth_gb_s": dev_bw / 1e9, "rows": rows}
 
 
@@ -147,8 +147,7 @@ def markdown(results: dict, machine: dict) -> str:
         L.append(f"| 3 images | fraction of the memory-bandwidth bound | skipped ({bw['skipped'].split(':')[0]}) |")
     for r in bw.get("rows", []):
         L.append(f"| 3 images | {r['model']}, batch {r['batch']}: fraction of the memory-bandwidth bound "
-                 f"(growing / static KV; {r['achieved_gb_s']:.0f} of {r['device_bandwidth_gb_s']:.0f} GB/s) | "
-                 f"{r['fraction']:.3f} / {r['fraction_static_kv']:.3f} |")
+                 f"({r['achieved_gb_s']:.0f} of {r['device_bandwidth_gb_s']:.0f} GB/s) | {r['fraction']:.3f} |")
     if "error" in bw:
         L.append(f"| 3 images | fraction of the memory-bandwidth bound | error ({bw['error'][:80]}) |")
     for name in SECTIONS:

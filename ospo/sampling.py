@@ -16,9 +16,10 @@
 Layout per batch of B prompts: 2B rows ``[cond; uncond]``; an uncond row is its cond row with
 every token except BOS and ``<begin_of_image>`` replaced by pad (generate's rule), same
 attention mask. CFG on the generation head's logits: ``uncond + s * (cond - uncond)``
-(transformers' ``ClassifierFreeGuidanceLogitsProcessor``), then temperature. The KV cache is a
-transformers ``StaticCache`` of length P + T (P the padded prompt length, T the number of
-visual tokens): allocated once per batch, never grown. The prompt is embedded with the text
+(transformers' ``ClassifierFreeGuidanceLogitsProcessor``), then temperature. The KV cache
+(:class:`_KVStore`) holds P + T columns (P the padded prompt length, T the number of visual
+tokens), allocated once per batch and never grown, and each step attends over the columns
+written so far only. The prompt is embedded with the text
 embeddings, visual tokens with ``prepare_embeddings_for_image_generation``; the language
 model's last hidden state goes through ``model.model.generation_head``.
 
@@ -88,10 +89,97 @@ def _columns(spans_rows, lens, P):
     return [[[P - n + c for c in span_columns(obj)] for obj in row] for row, n in zip(spans_rows, lens)]
 
 
-def _new_static_cache(engine, max_len: int):
-    from transformers import StaticCache
+class _KVStore:
+    """The sampler's KV cache: every layer's keys in one ``(L, rows, Hkv, max_len, D)`` buffer
+    (values alike), allocated once per batch, plus the number of columns written.
 
-    return StaticCache(config=_lm(engine).config, max_cache_len=max_len)
+    transformers' ``StaticLayer`` returns its whole ``max_cache_len`` buffer every step (the
+    layout torch.compile and CUDA graphs need) and relies on the mask to hide the unwritten
+    tail, so every decode step attends over P + T keys; ``DynamicLayer`` returns only the
+    written keys but re-allocates them (``torch.cat``) every step. The layers of this store
+    (:func:`_new_cache`) write in place and hand attention views of the written columns only:
+    step i of T attends over P + i keys, half the static layout's work on average. One buffer
+    for all layers lets the mask capture read the live keys of every armed layer as one view
+    (:meth:`ospo.attention.ObjectAttentionCapture.flush`). No transformers cache class does
+    this, hence these subclasses of its cache-layer API.
+    """
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.num_layers, self.max_len = int(num_layers), int(max_len)
+        self.k = self.v = None
+        self._cap = self._cap_key = None
+        self._cap_len = 0
+
+    def buffers(self, idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self.k is None:
+            b, h, _, dk = key_states.shape
+            self.k = key_states.new_zeros((self.num_layers, b, h, self.max_len, dk))
+            self.v = value_states.new_zeros((self.num_layers, b, h, self.max_len, value_states.shape[-1]))
+        return self.k[idx], self.v[idx]
+
+    def live_keys(self, layers: Sequence[int], rows: int, length: int) -> torch.Tensor:
+        """``(len(layers), rows, Hkv, length, D)``: the first ``rows`` rows' keys of ``layers``.
+
+        Kept in a second, contiguous buffer that each call extends by the columns written
+        since the last one (one column per decode step), so the capture's single batched
+        matmul reads a view: a slice of the main buffer cannot merge (layer, row) into one
+        batch dimension without copying every key every step.
+        """
+        if self._cap is None or self._cap_key != (tuple(layers), rows):
+            self._cap_key, self._cap_len = (tuple(layers), rows), 0
+            self._cap = self.k.new_zeros((len(layers), rows) + tuple(self.k.shape[2:]))
+            self._cap_idx = torch.tensor(list(layers), dtype=torch.long, device=self.k.device)
+        a = self._cap_len
+        if length > a:
+            self._cap[:, :, :, a:length].copy_(self.k[:, :rows, :, a:length].index_select(0, self._cap_idx))
+            self._cap_len = length
+        return self._cap[:, :, :, :length]
+
+
+def _new_cache(engine, max_len: int):
+    """A transformers ``Cache`` whose layers live in one :class:`_KVStore`; returns both."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    store = _KVStore(_lm(engine).config.num_hidden_layers, max_len)
+
+    class StoreLayer(CacheLayerMixin):
+        is_sliding = False
+        is_compileable = False
+
+        def __init__(self, idx: int):
+            super().__init__()
+            self.idx, self.length = idx, 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._k, self._v = store.buffers(self.idx, key_states, value_states)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            a, n = self.length, key_states.shape[-2]
+            if a + n > store.max_len:
+                raise RuntimeError(f"KV cache full: {a} + {n} > {store.max_len}")
+            self._k[:, :, a:a + n].copy_(key_states)
+            self._v[:, :, a:a + n].copy_(value_states)
+            self.length = a + n
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.length + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_max_length(self) -> int:
+            return store.max_len
+
+        def reset(self) -> None:
+            self.length = 0
+
+    return Cache(layers=[StoreLayer(i) for i in range(store.num_layers)]), store
 
 
 # --- sampling ----------------------------------------------------------------------------------
@@ -131,10 +219,10 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
     P = ids.shape[1]
     both = torch.cat([ids, _uncond(engine, ids)], dim=0)
     mask2 = torch.cat([mask, mask], dim=0)
-    # Decode steps get a ready 4D boolean mask (True = attend) that grows in place by one
-    # column per step: no per-step mask construction. Columns past the written cache stay False
-    # (the unused static-cache tail is never attended). The prefill takes the 2D mask and
-    # transformers' own causal-mask builder.
+    # Decode steps get a ready 4D boolean mask (True = attend): one buffer, one column set per
+    # step, and the view of its first P + i + 1 columns matches the cache's live keys (no
+    # per-step mask construction). The prefill takes the 2D mask and transformers' own
+    # causal-mask builder.
     step_mask = torch.zeros((2 * B, 1, 1, P + T), dtype=torch.bool, device=dev)
     step_mask[:, 0, 0, :P] = mask2.bool()
     step_pos = torch.cat([pos, pos], dim=0)
@@ -144,21 +232,24 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
     tokens = torch.zeros((B, T), dtype=torch.long, device=dev)
     cap = None
     if layers is not None:
-        cap = ObjectAttentionCapture(layers, _columns(spans_rows, lens, P), prompt_len=P, steps=T, device=dev)
-    cache = _new_static_cache(engine, P + T)
+        cap = ObjectAttentionCapture(layers, _columns(spans_rows, lens, P), prompt_len=P, steps=T, device=dev,
+                                     deferred=True)
+    cache, store = _new_cache(engine, P + T)
     emb = model.get_input_embeddings()(both)
     head = model.model.generation_head
     with capturing(model, cap), engine.autocast():
         for i in range(T):
             if cap is not None:
-                cap.t, cap.q_take = i, 1
+                cap.t = i
             if i == 0:
                 am = mask2
             else:
                 step_mask[:, :, :, P + i - 1] = True  # the visual token fed at this step
-                am = step_mask
+                am = step_mask[..., :P + i]
             outp = lm(inputs_embeds=emb, attention_mask=am, position_ids=step_pos, past_key_values=cache,
                       use_cache=True)
+            if cap is not None:  # the captured rows' last query over every armed layer's live keys
+                cap.flush(store.live_keys(cap.layers, B, P + i), mask2[:B].bool() if i == 0 else am[:B, 0, 0])
             logits = head(outp.last_hidden_state[:, -1, :]).float()
             cond, unc = logits[:B], logits[B:]
             guided = unc + (cond - unc) * guidance_scale

@@ -62,15 +62,17 @@ def _eager_maps(engine, ids, tokens, spans, layers):
     return res
 
 
-def test_captured_maps_equal_eager_attention_token0_gqa_left_padded(engine):
+@pytest.mark.parametrize("layers", [LAYERS, [0, 2, 5]], ids=["range", "scattered"])
+def test_captured_maps_equal_eager_attention_token0_gqa_left_padded(engine, layers):
+    # a contiguous layer range is read from the KV store as a view; scattered layers gathered
     lm = engine.model.model.language_model
     assert lm.config.num_key_value_heads < lm.config.num_attention_heads  # grouped-query heads
     ids = _ids(engine)
     spans = _spans(ids)
     res = sampling.sample_images(engine, ids, [11, 12], guidance_scale=2.0, batch_size=2,
-                                 capture=sampling.CaptureSpec(LAYERS, spans))
-    ref = _eager_maps(engine, ids, [r.tokens for r in res], spans, LAYERS)
-    tf = sampling.teacher_forced_maps(engine, ids, [r.tokens for r in res], spans, LAYERS)
+                                 capture=sampling.CaptureSpec(layers, spans))
+    ref = _eager_maps(engine, ids, [r.tokens for r in res], spans, layers)
+    tf = sampling.teacher_forced_maps(engine, ids, [r.tokens for r in res], spans, layers)
     for r in range(2):
         for o in range(3):
             want = ref[r][o]
@@ -84,8 +86,8 @@ def test_captured_maps_equal_eager_attention_token0_gqa_left_padded(engine):
             np.testing.assert_allclose(tf[r][o], want, atol=1e-5, rtol=0)
     assert res[0].maps[0].max() > 0  # a real signal, not zeros everywhere
     # one unpadded prompt: transformers passes mask=None (sdpa's is_causal path)
-    solo = sampling.teacher_forced_maps(engine, ids[1:], [res[1].tokens], spans[1:], LAYERS)
-    ref1 = _eager_maps(engine, ids[1:], [res[1].tokens], spans[1:], LAYERS)
+    solo = sampling.teacher_forced_maps(engine, ids[1:], [res[1].tokens], spans[1:], layers)
+    ref1 = _eager_maps(engine, ids[1:], [res[1].tokens], spans[1:], layers)
     for o in range(3):
         np.testing.assert_allclose(solo[0][o], ref1[0][o], atol=1e-5, rtol=0)
     # the model is back on its own implementation
