@@ -160,10 +160,11 @@ class ObjectAttentionCapture:
         for every armed layer at once.
 
         ``keys``: ``(layers, rows, Hkv, KV, D)``, the live keys of the armed layers in
-        :attr:`layers` order (a view of a cache that stores every layer in one buffer, so no
-        copy); ``allowed``: ``(rows, KV)`` bool, the keys the last query of each captured row
-        may attend (for a prefill's last query, the 2D padding mask; for a decode step, the row
-        of its mask). One batched matmul + softmax for all layers instead of one per layer.
+        :attr:`layers` order (kept contiguous by the sampler's KV store, so this is a view);
+        ``allowed``: ``(rows, Pm)`` bool, which of the first Pm key columns (the prompt, left
+        padded) the last query of each captured row may attend; columns from Pm on (the visual
+        tokens fed so far) are all attended, as in a causal decode. One batched matmul and one
+        softmax over all layers.
         """
         if self.t + 1 > self.steps:
             raise RuntimeError(f"capture: step {self.t} exceeds the {self.steps} steps armed")
@@ -171,7 +172,7 @@ class ObjectAttentionCapture:
         if missing:
             raise RuntimeError(f"capture: no query recorded for layers {missing} (not running {NAME}?)")
         R = self.rows
-        q = torch.stack([self._queries[i] for i in self.layers])  # (Ly, R, H, 1, D)
+        q = torch.stack([self._queries[i] for i in self.layers]) * self._scale  # (Ly, R, H, 1, D)
         self._queries.clear()
         Ly, _, H, _, D = q.shape
         Hkv, KV = keys.shape[2], keys.shape[3]
@@ -179,10 +180,12 @@ class ObjectAttentionCapture:
         # grouped-query heads: a key/value head's rep query heads are rows of one matmul
         s = torch.bmm(q.reshape(Ly * R * Hkv, rep, D), keys[:, :R].reshape(Ly * R * Hkv, KV, D).transpose(1, 2))
         s = s.view(Ly, R, H, KV)
-        s.mul_(self._scale).masked_fill_(~allowed[:R, None, :KV], float("-inf"))
-        p = torch.softmax(s, dim=-1, dtype=torch.float32)
+        Pm = min(allowed.shape[-1], KV)
+        s[..., :Pm].masked_fill_(~allowed[:R, None, :Pm], float("-inf"))
         P = min(self.prompt_len, KV)
-        self.buf[:, self.t, :P].add_(p[..., :P].sum(dim=(0, 2)), alpha=1.0 / H)
+        # a full softmax, then the prompt columns: on CPU 1.6-2x faster than exp(s - logsumexp)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32)[..., :P]
+        self.buf[:, self.t, :P].add_(p.sum(dim=(0, 2)), alpha=1.0 / H)
 
     # results
     def object_maps(self) -> list[list[torch.Tensor | None]]:
@@ -217,7 +220,10 @@ def capture_attention_forward(module, query, key, value, attention_mask, dropout
                 **kwargs)
     cap = active()
     if cap is not None and getattr(module, "layer_idx", None) in cap._layer_set:
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                cap.record(module, query, key, attention_mask, scaling, is_causal)
+        else:
             cap.record(module, query, key, attention_mask, scaling, is_causal)
     return out
 

@@ -128,10 +128,12 @@ class _KVStore:
         if self._cap is None or self._cap_key != (tuple(layers), rows):
             self._cap_key, self._cap_len = (tuple(layers), rows), 0
             self._cap = self.k.new_zeros((len(layers), rows) + tuple(self.k.shape[2:]))
-            self._cap_idx = torch.tensor(list(layers), dtype=torch.long, device=self.k.device)
+            lo = layers[0]
+            self._cap_src = (slice(lo, lo + len(layers)) if list(layers) == list(range(lo, lo + len(layers)))
+                             else torch.tensor(list(layers), dtype=torch.long, device=self.k.device))
         a = self._cap_len
         if length > a:
-            self._cap[:, :, :, a:length].copy_(self.k[:, :rows, :, a:length].index_select(0, self._cap_idx))
+            self._cap[:, :, :, a:length].copy_(self.k[self._cap_src, :rows, :, a:length])
             self._cap_len = length
         return self._cap[:, :, :, :length]
 
@@ -235,6 +237,7 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
         cap = ObjectAttentionCapture(layers, _columns(spans_rows, lens, P), prompt_len=P, steps=T, device=dev,
                                      deferred=True)
     cache, store = _new_cache(engine, P + T)
+    prompt_allowed = mask[:B].bool()  # the captured rows' prompt columns (left padding masked)
     emb = model.get_input_embeddings()(both)
     head = model.model.generation_head
     with capturing(model, cap), engine.autocast():
@@ -249,7 +252,7 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
             outp = lm(inputs_embeds=emb, attention_mask=am, position_ids=step_pos, past_key_values=cache,
                       use_cache=True)
             if cap is not None:  # the captured rows' last query over every armed layer's live keys
-                cap.flush(store.live_keys(cap.layers, B, P + i), mask2[:B].bool() if i == 0 else am[:B, 0, 0])
+                cap.flush(store.live_keys(cap.layers, B, P + i), prompt_allowed)
             logits = head(outp.last_hidden_state[:, -1, :]).float()
             cond, unc = logits[:B], logits[B:]
             guided = unc + (cond - unc) * guidance_scale
