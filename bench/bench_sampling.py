@@ -129,6 +129,35 @@ def time_it(fn, repeats, eng):
     return best
 
 
+def summarize(label, grid, tokens, batch, layers, times: dict[str, list[float]]) -> dict:
+    """One table row from the seconds of each repeat (``ours_nocap``, ``ours_cap``, optional
+    ``stock``; repeat i of each taken back to back). Images/s from the best repeat; the ratios
+    are medians over repeats of the ratio within a repeat: on a shared VM the machine's speed
+    drifts by tens of percent between runs, and a pair taken side by side sees the same."""
+    def paired(num, den):
+        return statistics.median(x / y for x, y in zip(times[num], times[den]))
+
+    best = {k: min(v) for k, v in times.items()}
+    stock_t = best.get("stock")
+    return {"model": label, "grid": grid, "tokens": tokens, "batch": batch, "layers": layers,
+            "ours_nocap_img_s": round(batch / best["ours_nocap"], 3), "ours_cap_img_s": round(batch / best["ours_cap"], 3),
+            "stock_img_s": None if stock_t is None else round(batch / stock_t, 3),
+            "capture_overhead": round(paired("ours_cap", "ours_nocap") - 1, 4),
+            "speedup_vs_stock": None if stock_t is None else round(paired("stock", "ours_cap"), 3),
+            "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+
+
+def add_public_batch1(rows: list[dict]) -> None:
+    """``vs_public_batch1`` per row: ours with capture at the row's batch over the stock path at
+    batch 1 on the same grid (images/s from the bests: the two were not run side by side). The
+    public OSPO code samples one prompt at a time; this is our emulation of its method on the
+    same model (it cannot run here)."""
+    for r in rows:
+        b1 = next((x for x in rows if x["grid"] == r["grid"] and x["model"] == r["model"] and x["batch"] == 1
+                   and x["stock_img_s"]), None)
+        r["vs_public_batch1"] = None if b1 is None else round(r["ours_cap_img_s"] / b1["stock_img_s"], 3)
+
+
 def bench_engine(eng, label, batches, repeats, args):
     from ospo import sampling
     from ospo.attention import default_layers
@@ -149,20 +178,14 @@ def bench_engine(eng, label, batches, repeats, args):
         for fn in fns.values():  # warm-up (allocator, first-call costs)
             fn()
         times = {k: [] for k in fns}
-        for rep in range(repeats):  # interleaved, order alternating: drift hits all three alike
-            for k in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
+        names = list(fns)
+        for rep in range(repeats):  # interleaved, order rotated: drift hits all three alike
+            # a run right after a run of itself is faster (warm caches and allocator): rotating
+            # (A B C, B C A, C A B) never repeats one across a boundary and gives each the
+            # same predecessors; alternating (A B C, C B A) favoured the two at the ends
+            for k in names[rep % len(names):] + names[:rep % len(names)]:
                 times[k].append(time_it(fns[k], 1, eng))
-        best = {k: min(v) for k, v in times.items()}
-        # ratios from the runs taken side by side (median over repeats): on a shared VM the
-        # speed of the machine drifts by tens of percent between runs, a pair sees the same
-        paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
-        t_nocap, t_cap, t_stock = best["ours_nocap"], best["ours_cap"], best.get("stock")
-        row = {"model": label, "grid": eng.grid, "tokens": eng.num_image_tokens, "batch": b, "layers": layers,
-               "ours_nocap_img_s": round(b / t_nocap, 3), "ours_cap_img_s": round(b / t_cap, 3),
-               "stock_img_s": None if t_stock is None else round(b / t_stock, 3),
-               "capture_overhead": round(paired("ours_cap", "ours_nocap") - 1, 4),
-               "speedup_vs_stock": None if t_stock is None else round(paired("stock", "ours_cap"), 3),
-               "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+        row = summarize(label, eng.grid, eng.num_image_tokens, b, layers, times)
         rows.append(row)
         print(_fmt(row), flush=True)
     return rows
@@ -202,12 +225,7 @@ def main(argv=None) -> int:
             for g in grids:
                 eng = Engine.load(path=str(build_tiny_janus(Path(tmp) / f"g{g}", grid=g)))
                 rows += bench_engine(eng, "tiny", batches, repeats, args)
-    # the public OSPO code samples one prompt at a time: ours at each batch over the stock
-    # path at batch 1 (our emulation of its method on the same model; it cannot run here)
-    for r in rows:
-        b1 = next((x for x in rows if x["grid"] == r["grid"] and x["model"] == r["model"] and x["batch"] == 1
-                   and x["stock_img_s"]), None)
-        r["vs_public_batch1"] = None if b1 is None else round(r["ours_cap_img_s"] / b1["stock_img_s"], 3)
+    add_public_batch1(rows)
     targets = {}
     g24 = [r for r in rows if r["grid"] == 24]
     if g24:

@@ -45,18 +45,35 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+TEXT_FIELDS = ("prompt", "perturbed", "dense", "perturbed_dense")
+
+
+def _suffixed(rec: dict, suffix: str) -> dict:
+    """A copy of a prompt or variant record with ``suffix`` on every prompt text in it."""
+    out = {k: (v + suffix if k in TEXT_FIELDS and isinstance(v, str) else v) for k, v in rec.items()}
+    if isinstance(rec.get("variants"), list):
+        out["variants"] = [_suffixed(v, suffix) for v in rec["variants"]]
+    return out
+
+
 def write_inputs(dest: Path, n: int) -> dict:
-    """The tiny config's prompts/variants/questions repeated under fresh ids until n prompts."""
+    """The tiny config's prompts/variants/questions repeated under fresh ids until n prompts.
+
+    Each repeat after the first gets its own text (``", copy r"`` after every prompt text): stage
+    1 drops prompts whose text it has seen, so plain copies would leave the work flat in N.
+    """
     prompts, variants, questions = _read(TINY / "prompts.jsonl"), _read(TINY / "variants.jsonl"), \
         _read(TINY / "questions.jsonl")
     var_by, q_by = {r["id"]: r for r in variants}, {r["id"]: r for r in questions}
     out = {"prompts": [], "variants": [], "questions": []}
     for i in range(n):
         src = prompts[i % len(prompts)]
+        r = i // len(prompts)
+        suffix = f", copy {r}" if r else ""
         new_id = f"{src.get('id', 'p')}-r{i:04d}"
-        out["prompts"].append({**src, "id": new_id})
+        out["prompts"].append({**_suffixed(src, suffix), "id": new_id})
         if src.get("id") in var_by:
-            out["variants"].append({**var_by[src["id"]], "id": new_id})
+            out["variants"].append({**_suffixed(var_by[src["id"]], suffix), "id": new_id})
         if src.get("id") in q_by:
             out["questions"].append({**q_by[src["id"]], "id": new_id})
     dest.mkdir(parents=True, exist_ok=True)

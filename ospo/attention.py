@@ -98,6 +98,7 @@ class ObjectAttentionCapture:
         self._mask_src = self._mask_key = self._mask_add = None
         self.deferred = bool(deferred)
         self._queries: dict[int, torch.Tensor] = {}
+        self._blocked = None
         self._scale: float | None = None
 
     # called from the attention function
@@ -159,8 +160,8 @@ class ObjectAttentionCapture:
         """Deferred mode, after one forward of a one-query-per-row decode: record step :attr:`t`
         for every armed layer at once.
 
-        ``keys``: ``(layers, rows, Hkv, KV, D)``, the live keys of the armed layers in
-        :attr:`layers` order (kept contiguous by the sampler's KV store, so this is a view);
+        ``keys``: ``(layers, rows, Hkv, D, KV)``, the live keys of the armed layers in
+        :attr:`layers` order, transposed (kept so by the sampler's KV store: a view here);
         ``allowed``: ``(rows, Pm)`` bool, which of the first Pm key columns (the prompt, left
         padded) the last query of each captured row may attend; columns from Pm on (the visual
         tokens fed so far) are all attended, as in a causal decode. One batched matmul and one
@@ -175,13 +176,15 @@ class ObjectAttentionCapture:
         q = torch.stack([self._queries[i] for i in self.layers]) * self._scale  # (Ly, R, H, 1, D)
         self._queries.clear()
         Ly, _, H, _, D = q.shape
-        Hkv, KV = keys.shape[2], keys.shape[3]
+        Hkv, KV = keys.shape[2], keys.shape[4]
         rep = H // Hkv
         # grouped-query heads: a key/value head's rep query heads are rows of one matmul
-        s = torch.bmm(q.reshape(Ly * R * Hkv, rep, D), keys[:, :R].reshape(Ly * R * Hkv, KV, D).transpose(1, 2))
+        s = torch.bmm(q.reshape(Ly * R * Hkv, rep, D), keys[:, :R].reshape(Ly * R * Hkv, D, KV))
         s = s.view(Ly, R, H, KV)
         Pm = min(allowed.shape[-1], KV)
-        s[..., :Pm].masked_fill_(~allowed[:R, None, :Pm], float("-inf"))
+        if self._blocked is None or self._blocked[0] is not allowed:  # the sampler passes one tensor all along
+            self._blocked = (allowed, ~allowed[:R, None, :].bool())
+        s[..., :Pm].masked_fill_(self._blocked[1][..., :Pm], float("-inf"))
         P = min(self.prompt_len, KV)
         # a full softmax, then the prompt columns: on CPU 1.6-2x faster than exp(s - logsumexp)
         p = torch.softmax(s, dim=-1, dtype=torch.float32)[..., :P]

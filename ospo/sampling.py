@@ -118,24 +118,27 @@ class _KVStore:
         return self.k[idx], self.v[idx]
 
     def live_keys(self, layers: Sequence[int], rows: int, length: int) -> torch.Tensor:
-        """``(len(layers), rows, Hkv, length, D)``: the first ``rows`` rows' keys of ``layers``.
+        """``(len(layers), rows, Hkv, D, length)``: the first ``rows`` rows' keys of ``layers``,
+        transposed (D before positions).
 
-        Kept in a second, contiguous buffer that each call extends by the columns written
-        since the last one (one column per decode step), so the capture's single batched
-        matmul reads a view: a slice of the main buffer cannot merge (layer, row) into one
-        batch dimension without copying every key every step.
+        Kept in a second buffer that each call extends by the columns written since the last
+        one (one per decode step), so the capture's single batched matmul reads a view: a slice
+        of the main buffer cannot merge (layer, row) into one batch dimension without copying
+        every key every step, and ``q @ K^T`` with K^T stored D-major runs about 2x faster on
+        CPU than with a transposed view of row-major keys.
         """
         if self._cap is None or self._cap_key != (tuple(layers), rows):
             self._cap_key, self._cap_len = (tuple(layers), rows), 0
-            self._cap = self.k.new_zeros((len(layers), rows) + tuple(self.k.shape[2:]))
+            n, _, h, m, d = self.k.shape
+            self._cap = self.k.new_zeros((len(layers), rows, h, d, m))
             lo = layers[0]
             self._cap_src = (slice(lo, lo + len(layers)) if list(layers) == list(range(lo, lo + len(layers)))
                              else torch.tensor(list(layers), dtype=torch.long, device=self.k.device))
         a = self._cap_len
         if length > a:
-            self._cap[:, :, :, a:length].copy_(self.k[self._cap_src, :rows, :, a:length])
+            self._cap[..., a:length].copy_(self.k[self._cap_src, :rows, :, a:length].transpose(-1, -2))
             self._cap_len = length
-        return self._cap[:, :, :, :length]
+        return self._cap[..., :length]
 
 
 def _new_cache(engine, max_len: int):

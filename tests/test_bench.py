@@ -39,3 +39,42 @@ def test_run_all_tiny_writes_every_section_and_plot(tmp_path):
         assert "not GPU throughput" in doc["markdown"]
     assert "| stage | measure | value |" in doc["markdown"] and "| scaling |" in doc["markdown"]
     assert "wrote" in proc.stdout
+
+
+def test_sampling_ratios_are_paired_medians_and_public_batch1():
+    """The machine's speed drifts between repeats: a ratio within each repeat (median over
+    repeats) cancels it, a ratio of bests does not. Pure arithmetic on given times."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_sampling as bs
+
+    # repeat 2 ran on a machine twice as slow for all three: paired ratios stay exact
+    times = {"ours_nocap": [1.0, 2.0, 1.0], "ours_cap": [1.1, 2.2, 1.1], "stock": [2.0, 4.0, 2.0]}
+    r = bs.summarize("tiny", 24, 576, 8, [1, 2], times)
+    assert r["capture_overhead"] == 0.1 and r["speedup_vs_stock"] == round(2 / 1.1, 3)
+    assert r["ours_cap_img_s"] == round(8 / 1.1, 3) and r["stock_img_s"] == 4.0
+    # the bests came from different repeats: a ratio of bests would say -50%, the pairs say +10%
+    drift = {"ours_nocap": [2.0, 2.0, 2.0], "ours_cap": [2.2, 1.0, 2.2]}
+    assert bs.summarize("tiny", 8, 64, 1, [1], drift)["capture_overhead"] == 0.1
+    rows = [bs.summarize("tiny", 8, 64, b, [1], {"ours_nocap": [t], "ours_cap": [t], "stock": [s]})
+            for b, t, s in [(1, 0.5, 1.0), (8, 1.0, 4.0)]]
+    bs.add_public_batch1(rows)
+    assert rows[0]["vs_public_batch1"] == 2.0 and rows[1]["vs_public_batch1"] == 8.0  # 8 img/s vs 1 img/s
+
+
+def test_scaling_inputs_are_distinct_prompts(tmp_path):
+    """Stage 1 drops repeated prompt texts: the scaling bench's inputs must not repeat one, or
+    a larger N does no more work (the bench once measured a flat line that way)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_scaling as bsc
+
+    paths = bsc.write_inputs(tmp_path, 25)
+    rows = [json.loads(x) for x in paths["prompts"].read_text().splitlines()]
+    assert len(rows) == 25 and len({r["prompt"] for r in rows}) == 25 and len({r["id"] for r in rows}) == 25
+    variants = {r["id"]: r for r in map(json.loads, paths["variants"].read_text().splitlines())}
+    copies = [r for r in rows if r["id"].endswith("-r0012")]  # round 1 (10 tiny prompts per round)
+    assert copies and copies[0]["prompt"].endswith(", copy 1")
+    for r in rows:
+        assert all(o in r["prompt"] for o in r.get("objects", []))
+        for v in variants.get(r["id"], {}).get("variants", []):  # a variant's texts carry its prompt's suffix
+            assert all(v[f].endswith(", copy 1") == r["prompt"].endswith(", copy 1")
+                       for f in ("perturbed", "dense", "perturbed_dense") if f in v)
