@@ -35,6 +35,7 @@ layer: on the tiny CPU model the per-layer way cost 15-20% of the sampling time 
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -99,6 +100,7 @@ class ObjectAttentionCapture:
         self.deferred = bool(deferred)
         self._queries: dict[int, torch.Tensor] = {}
         self._blocked = None
+        self.seconds = 0.0  # wall time spent in record / flush / object_maps (host side)
         self._scale: float | None = None
 
     # called from the attention function
@@ -129,10 +131,16 @@ class ObjectAttentionCapture:
 
     def record(self, module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                scaling: float | None, is_causal: bool | None) -> None:
+        t0 = time.perf_counter()
         if self.deferred:  # keep the captured rows' last query; :meth:`flush` does the rest
             self._queries[module.layer_idx] = query[:self.rows, :, -1:]
             self._scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            self.seconds += time.perf_counter() - t0
             return
+        self._record(module, query, key, mask, scaling, is_causal)
+        self.seconds += time.perf_counter() - t0
+
+    def _record(self, module, query, key, mask, scaling, is_causal) -> None:
         R, n = self.rows, min(self.q_take, query.shape[2])
         if self.t + n > self.steps:
             raise RuntimeError(f"capture: step {self.t} + {n} queries exceeds the {self.steps} steps armed")
@@ -167,6 +175,11 @@ class ObjectAttentionCapture:
         tokens fed so far) are all attended, as in a causal decode. One batched matmul and one
         softmax over all layers.
         """
+        t0 = time.perf_counter()
+        self._flush(keys, allowed)
+        self.seconds += time.perf_counter() - t0
+
+    def _flush(self, keys: torch.Tensor, allowed: torch.Tensor) -> None:
         if self.t + 1 > self.steps:
             raise RuntimeError(f"capture: step {self.t} exceeds the {self.steps} steps armed")
         missing = [i for i in self.layers if i not in self._queries]
@@ -194,6 +207,7 @@ class ObjectAttentionCapture:
     def object_maps(self) -> list[list[torch.Tensor | None]]:
         """Per row, per object: the ``(steps,)`` map (mean over the object's tokens, heads and
         layers), or None for an object without columns."""
+        t0 = time.perf_counter()
         per_layer = self.buf / len(self.layers)
         out: list[list[torch.Tensor | None]] = []
         for r, objs in enumerate(self.columns):
@@ -205,6 +219,7 @@ class ObjectAttentionCapture:
                 idx = torch.tensor(cols, dtype=torch.long, device=per_layer.device)
                 row.append(per_layer[r].index_select(-1, idx).mean(-1))
             out.append(row)
+        self.seconds += time.perf_counter() - t0
         return out
 
 

@@ -31,6 +31,7 @@ argmax reproduces greedy sampling.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -192,11 +193,14 @@ def _new_cache(engine, max_len: int):
 @torch.no_grad()
 def sample_images(engine, input_ids: list[list[int]], seeds: list[int], *, guidance_scale: float,
                   temperature: float = 1.0, batch_size: int = 16,
-                  capture: CaptureSpec | None = None) -> list[SampleResult]:
+                  capture: CaptureSpec | None = None, stats: dict | None = None) -> list[SampleResult]:
     """Sample one image's visual tokens per prompt (ids from :meth:`Engine.image_prompt_ids`).
 
     ``batch_size`` prompts per step (2 * batch_size rows with the uncond ones). With ``capture``
-    each result carries its per-object soft maps.
+    each result carries its per-object soft maps. ``stats``, when given, accumulates
+    ``capture_seconds``: host wall time spent in the capture code (recording queries, scoring
+    them, reading the capture keys, forming the maps), measured inside this call; on a GPU
+    the kernels it launches may run later, so there it is a lower bound.
     """
     if len(seeds) != len(input_ids):
         raise ValueError("one seed per prompt")
@@ -209,11 +213,11 @@ def sample_images(engine, input_ids: list[list[int]], seeds: list[int], *, guida
         sl = slice(a, a + max(1, batch_size))
         spans = capture.spans[sl] if capture is not None else None
         out += _sample_batch(engine, input_ids[sl], seeds[sl], guidance_scale, temperature,
-                             capture.layers if capture is not None else None, spans)
+                             capture.layers if capture is not None else None, spans, stats)
     return out
 
 
-def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, spans_rows):
+def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, spans_rows, stats=None):
     model = engine.model
     lm = _lm(engine)
     dev = engine.device
@@ -255,7 +259,10 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
             outp = lm(inputs_embeds=emb, attention_mask=am, position_ids=step_pos, past_key_values=cache,
                       use_cache=True)
             if cap is not None:  # the captured rows' last query over every armed layer's live keys
-                cap.flush(store.live_keys(cap.layers, B, P + i), prompt_allowed)
+                t0 = time.perf_counter()
+                keys = store.live_keys(cap.layers, B, P + i)
+                cap.seconds += time.perf_counter() - t0
+                cap.flush(keys, prompt_allowed)
             logits = head(outp.last_hidden_state[:, -1, :]).float()
             cond, unc = logits[:B], logits[B:]
             guided = unc + (cond - unc) * guidance_scale
@@ -274,6 +281,8 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
     if cap is None:
         return [SampleResult(tokens=t) for t in toks]
     maps = cap.object_maps()
+    if stats is not None:
+        stats["capture_seconds"] = stats.get("capture_seconds", 0.0) + cap.seconds
     return [SampleResult(tokens=t, maps=[None if m is None else m.float().cpu().numpy().astype(np.float32)
                                          for m in row]) for t, row in zip(toks, maps)]
 
