@@ -112,6 +112,26 @@ def test_capture_on_off_same_tokens_and_neighbour_independence(engine):
     assert sampling.sample_images(engine, ids[1:], [7], guidance_scale=2.0)[0].tokens != off[1].tokens
 
 
+def test_capture_seconds_reported_inside_the_run(engine):
+    """``stats`` accumulates the time spent in the capture code: positive, below the call's
+    own time, added to by a later call, and absent without capture."""
+    import time
+
+    ids = _ids(engine)
+    st, off = {}, {}
+    t0 = time.perf_counter()
+    sampling.sample_images(engine, ids + ids, [1, 2, 3, 4], guidance_scale=2.0, batch_size=2,
+                           capture=sampling.CaptureSpec(LAYERS, _spans(ids) * 2), stats=st)
+    wall = time.perf_counter() - t0
+    assert 0 < st["capture_seconds"] < wall
+    first = st["capture_seconds"]
+    sampling.sample_images(engine, ids, [1, 2], guidance_scale=2.0, batch_size=2,
+                           capture=sampling.CaptureSpec(LAYERS, _spans(ids)), stats=st)
+    assert st["capture_seconds"] > first  # a second call adds to the same dict
+    sampling.sample_images(engine, ids, [1, 2], guidance_scale=2.0, batch_size=2, stats=off)
+    assert off == {}
+
+
 def test_greedy_loop_matches_teacher_forced_cfg_and_generate(engine):
     ids = _ids(engine)
     greedy = sampling.sample_images(engine, ids, [0, 0], guidance_scale=3.0, temperature=0.0, batch_size=2)
