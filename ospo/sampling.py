@@ -130,7 +130,7 @@ class _KVStore:
         """
         if self._cap is None or self._cap_key != (tuple(layers), rows):
             self._cap_key, self._cap_len = (tuple(layers), rows), 0
-            n, _, h, m, d = self.k.shape
+            _, _, h, m, d = self.k.shape
             self._cap = self.k.new_zeros((len(layers), rows, h, d, m))
             lo = layers[0]
             self._cap_src = (slice(lo, lo + len(layers)) if list(layers) == list(range(lo, lo + len(layers)))
@@ -229,7 +229,7 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
     both = torch.cat([ids, _uncond(engine, ids)], dim=0)
     mask2 = torch.cat([mask, mask], dim=0)
     # Decode steps get a ready 4D boolean mask (True = attend): one buffer, one column set per
-    # step, and the view of its first P + i + 1 columns matches the cache's live keys (no
+    # step, and the view of its first P + i columns matches the cache's live keys (no
     # per-step mask construction). The prefill takes the 2D mask and transformers' own
     # causal-mask builder.
     step_mask = torch.zeros((2 * B, 1, 1, P + T), dtype=torch.bool, device=dev)
