@@ -188,6 +188,58 @@ def _new_cache(engine, max_len: int):
     return Cache(layers=[StoreLayer(i) for i in range(store.num_layers)]), store
 
 
+def _cache_kwarg(fn) -> str:
+    """The name under which ``fn`` (a language model's or a decoder layer's forward) takes the
+    KV cache in this transformers version: ``cache`` from 5.24 on, ``past_key_values`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class _DecodeStep:
+    """One decode step of the language model with its per-call wrapping left out.
+
+    ``LlamaModel.forward`` (the language model of every Janus checkpoint) per call: merges
+    config defaults, installs output capturing, builds the causal mask, computes the rotary
+    embedding of the step's positions, then runs the decoder layers and the final norm. For a
+    decode step the mask is already a ready 4D tensor (returned as-is by ``create_causal_mask``)
+    and the positions of every step are known when the batch starts, so this calls the same
+    decoder layers and norm, with the same arguments, and takes the rotary embeddings of all
+    T steps from one call made up front. The outputs are those of ``lm(...)``: the same modules
+    run the same ops (tests compare the tokens with ``generate`` and the maps with eager
+    attention). On a tiny CPU model the wrapping was a large share of a step at batch 1.
+    Language models without ``layers`` / ``norm`` / ``rotary_emb`` take the plain call.
+    """
+
+    def __init__(self, lm, first_pos: torch.Tensor, steps: int, ref: torch.Tensor):
+        self.lm = lm
+        self.lean = all(hasattr(lm, a) for a in ("layers", "norm", "rotary_emb"))
+        self.pos = first_pos + torch.arange(steps, device=first_pos.device)[None, :]   # (rows, T)
+        if self.lean:
+            self.kw = _cache_kwarg(lm.layers[0].forward)
+            cos, sin = lm.rotary_emb(ref, position_ids=self.pos)
+            self.cos, self.sin = cos, sin
+            self.layers = list(lm.layers[: lm.config.num_hidden_layers])
+
+    def __call__(self, emb: torch.Tensor, mask: torch.Tensor, i: int, cache) -> torch.Tensor:
+        """Last hidden state ``(rows, 1, H)`` of the visual token fed at step ``i`` (position
+        ``first_pos + i``)."""
+        pos = self.pos[:, i:i + 1]
+        if not self.lean:
+            return self.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{_cache_kwarg(self.lm.forward): cache}).last_hidden_state
+        pe = (self.cos[:, i:i + 1], self.sin[:, i:i + 1])
+        h = emb
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
+                      **{self.kw: cache})
+        return self.lm.norm(h)
+
+
 # --- sampling ----------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -251,19 +303,19 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
         for i in range(T):
             if cap is not None:
                 cap.t = i
-            if i == 0:
-                am = mask2
+            if i == 0:  # prefill: the stock call (2D mask, transformers' own causal-mask builder)
+                hidden = lm(inputs_embeds=emb, attention_mask=mask2, position_ids=step_pos, use_cache=True,
+                            **{_cache_kwarg(lm.forward): cache}).last_hidden_state
+                decode = _DecodeStep(lm, next_pos, T - 1, hidden)
             else:
                 step_mask[:, :, :, P + i - 1] = True  # the visual token fed at this step
-                am = step_mask[..., :P + i]
-            outp = lm(inputs_embeds=emb, attention_mask=am, position_ids=step_pos, past_key_values=cache,
-                      use_cache=True)
+                hidden = decode(emb, step_mask[..., :P + i], i - 1, cache)
             if cap is not None:  # the captured rows' last query over every armed layer's live keys
                 t0 = time.perf_counter()
                 keys = store.live_keys(cap.layers, B, P + i)
                 cap.seconds += time.perf_counter() - t0
                 cap.flush(keys, prompt_allowed)
-            logits = head(outp.last_hidden_state[:, -1, :]).float()
+            logits = head(hidden[:, -1, :]).float()
             cond, unc = logits[:B], logits[B:]
             guided = unc + (cond - unc) * guidance_scale
             if temperature > 0:
@@ -276,7 +328,6 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
             tokens[:, i] = nxt
             if i + 1 < T:
                 emb = model.prepare_embeddings_for_image_generation(torch.cat([nxt, nxt]).unsqueeze(-1))
-                step_pos = next_pos + i
     toks = tokens.cpu().tolist()
     if cap is None:
         return [SampleResult(tokens=t) for t in toks]
