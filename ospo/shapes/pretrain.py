@@ -73,12 +73,12 @@ class Recipe:
     # tokenizer
     vocab_size: int = 640
     # VQ (ospo.shapes.vq)
-    vq_steps: int = 450
+    vq_steps: int = 200        # assigned codes (ospo.shapes.vq): 100% code agreement by ~100 steps
     vq_batch: int = 32
     vq_lr: float = 2e-3
     vq_channels: int = 32
     vq_levels: int = 4
-    codebook: int = 256
+    codebook: int = 128        # 101 distinct cells (ospo.shapes.vq.NUM_CELL_CODES) + spare codes
     # language model + vision encoder + generation head
     hidden: int = 192
     layers: int = 4
@@ -173,9 +173,10 @@ def train_or_load_vq(recipe: Recipe, cache: Path | None, progress: bool = True):
                       seed=recipe.seed)
     stats = vqm.train_vq(vq, steps=recipe.vq_steps, minutes=None, batch_size=recipe.vq_batch, lr=recipe.vq_lr,
                          seed=recipe.seed, progress=progress)
-    stats["eval"] = vqm.recognition(vq, n=200)
+    stats["eval"] = dict(vqm.recognition(vq, n=200), code_agreement=vqm.code_agreement(vq, n=200))
     print(f"[pretrain] VQ: {stats['steps']} steps in {stats['seconds']} s, held-out scenes recognised after a "
-          f"round trip: {stats['eval']['recognised']:.3f}", file=sys.stderr)
+          f"round trip: {stats['eval']['recognised']:.3f}, cells given their assigned code: "
+          f"{stats['eval']['code_agreement']:.4f}", file=sys.stderr)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     vq.save_pretrained(tmp / "vq")
     (tmp / "vq_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -489,7 +490,9 @@ def train_lm(engine, vq, recipe: Recipe, *, progress: bool = True) -> dict:
             g["lr"] = lr_at(step, recipe)
         ids, toks = batcher.generation()
         input_ids, attn = pad_prompts(ids, engine.ids.pad)
-        gen = -visual_logps_padded(model, input_ids, attn, toks).mean()
+        lp = visual_logps_padded(model, input_ids, attn, toks)
+        wt = 1.0 + (float(os.environ.get("OBJW", "1")) - 1.0) * (toks != 0).float()
+        gen = -(lp * wt).sum() / wt.sum()
         u_rows, u_starts, recon, kinds = batcher.understanding()
         t_rows, t_starts = batcher.text()
         n_yn = kinds.count("yes_no")
@@ -600,7 +603,8 @@ def _parse_set(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m ospo.shapes.pretrain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(PACKAGED), help=f"checkpoint directory (default: {PACKAGED}, the shipped one)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe settings (see Recipe)")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="recipe settings (see Recipe); may be given more than once")
     ap.add_argument("--vq-cache", default=None, help="where trained VQs are cached (default: ~/.cache/ospo)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when other work shares the cores)")
