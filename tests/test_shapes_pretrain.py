@@ -116,7 +116,10 @@ def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     res = pt.build(out, pt.Recipe(**small), vq_cache=tmp_path / "vqc", progress=False, threads=1)
     assert res["recipe_hash"] == pt.recipe_hash(pt.Recipe(**small))
     hist = res["lm_history"]
-    assert [h["step"] for h in hist] == [1, 2, 3] and all(h["gen"] > 0 and h["text"] > 0 for h in hist)
+    assert [h["step"] for h in hist] == [1, 2, 3] and all(h["gen"] > 0 for h in hist)
+    # understanding and text rows join every und_every-th step (default 2): steps 1 and 3
+    assert [("text" in h, "yes_no" in h) for h in hist] == [(True, True), (False, False), (True, True)]
+    assert hist[0]["text"] > 0 and hist[0]["yes_no"] > 0
     assert "yes_no_acc" in hist[1] and "yes_no_acc" in hist[2]
     assert 0.0 <= res["eval"]["yes_no"]["accuracy"] <= 1.0 and res["eval"]["yes_no"]["n"] == 6
     assert json.loads((out / "recipe.json").read_text())["recipe_hash"] == res["recipe_hash"]

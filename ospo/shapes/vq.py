@@ -13,10 +13,12 @@ reports the fraction of held-out scenes whose reconstruction (stock ``encode`` -
 Why the VQ is trainable to near-perfect here: objects fill 3 x 3-cell boxes aligned to the
 8 px token grid and boxes never touch, so every 8 x 8 px cell of every image is either blank
 or one cell of one object: 3 shapes x 9 box cells x 4 colours, less the two blank top corners
-of the triangle, = 100 object cells + blank = 101 distinct patches (:data:`CELL_CODES`).
+of the triangle, = 100 object cells + blank = 101 cell kinds (:data:`CELL_CODES`).
 
-**Assigned codes.** The world knows what every cell holds, so each of the 101 patches gets a
-code of its own (:func:`cell_codes`) and the VQ is trained to use exactly that code: the
+**Assigned codes.** The world knows what every cell holds, so each of the 101 cell kinds gets
+a code of its own (:func:`cell_codes`; the full middle cells of a circle and a square look the
+same but keep their object's code, which the encoder reads from the neighbouring cells) and
+the VQ is trained to use exactly that code: the
 encoder by cross-entropy of its cosine logits against the assigned code, the decoder (and the
 codebook) by reconstructing the image from the assigned codes. The token sequence of a scene
 is then a deterministic function of its layout, one code per patch. A VQ left to find its own
@@ -25,8 +27,9 @@ blank background over most of a 256-code book: its code for a blank cell depende
 cell's surroundings (the encoder's receptive field and mid-block attention reach the whole
 image), measured H(code | patch) = 3.7 nats over 64,000 cells, and the language model spent
 its budget predicting those context-dependent codes instead of the scene (1.15 nats per
-visual token after the whole recipe). With assigned codes, H(code | patch) = 0 and the stock
-``encode`` returns the assigned code for 100% of held-out cells after 200 steps (3 minutes).
+visual token after the whole recipe). With assigned codes the stock ``encode`` returns the
+assigned code for 100% of held-out cells after 200 steps (3 minutes), and a cell's code is
+fixed by what the scene puts there.
 This is a choice of the tokenizer, not of the world or the generator: what the language
 model must still learn is which patches to place where for a prompt.
 
@@ -76,6 +79,7 @@ def _cell_table() -> dict[tuple[str, str, int, int], int]:
     return table
 
 
+BLANK_CODE = 0
 CELL_CODES: dict[tuple[str, str, int, int], int] = _cell_table()
 NUM_CELL_CODES = len(CELL_CODES) + 1   # 101 with the blank cell
 
@@ -83,12 +87,12 @@ NUM_CELL_CODES = len(CELL_CODES) + 1   # 101 with the blank cell
 def cell_codes(layouts: list[w.Layout]) -> np.ndarray:
     """(N, GRID * GRID) int64: the assigned code of every cell of each layout, row-major
     (the token order)."""
-    out = np.zeros((len(layouts), w.GRID, w.GRID), dtype=np.int64)
+    out = np.full((len(layouts), w.GRID, w.GRID), BLANK_CODE, dtype=np.int64)
     for n, lay in enumerate(layouts):
         for o in lay.objects:
             for r in range(w.BOX_CELLS):
                 for c in range(w.BOX_CELLS):
-                    out[n, o.row + r, o.col + c] = CELL_CODES.get((o.shape, o.color, r, c), 0)
+                    out[n, o.row + r, o.col + c] = CELL_CODES.get((o.shape, o.color, r, c), BLANK_CODE)
     return out.reshape(len(layouts), -1)
 
 
