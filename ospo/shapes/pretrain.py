@@ -282,7 +282,7 @@ class Batcher:
         for j, i in enumerate(pick):
             lay = self.und_layouts[i]
             if j < n_yn:
-                q, truth = yes_no_question(self.rng, lay.scene, self.und_dets[i], self.rng.random() < 0.5)
+                q, truth, _ = yes_no_question(self.rng, lay.scene, self.und_dets[i], self.rng.random() < 0.5)
                 head = query_ids(self.e, q)
                 ans = (self.yes if truth else self.no) + [self.e.ids.eos]
                 kinds.append("yes_no")
@@ -310,13 +310,22 @@ class Batcher:
         return rows, starts
 
 
-def yes_no_question(rng: random.Random, scene: Scene, dets, want: bool) -> tuple[str, bool]:
-    """A question about an image of ``scene``, true or false as ``want`` asks when the drawn
+def yes_no_question(rng: random.Random, scene: Scene, dets, want: bool) -> tuple[str, bool, str]:
+    """(question, truth, kind): a question about an image of ``scene``, true or false as ``want`` asks when the drawn
     candidates allow it: the scene's own questions, a perturbation's (the near misses stage 4
     must tell apart), or another scene's. Labels always come from the evaluator's
-    detections, never from what the prompt asked."""
+    detections, never from what the prompt asked.
+
+    The question's kind (object / color / count / relation) is drawn first, uniformly among
+    the kinds whose candidates hold both a true and a false question, and only then one of
+    that kind with the wanted truth: drawn by truth alone, "Is there a circle?" came out
+    true 84% of the time and "Is the circle red?" false 59% (the scene's own object
+    questions are true, a perturbation's colours are false), and a model that read only the
+    question's form scored 70% held-out without looking at the image (measured on the
+    previous recipe's model: identical answers for a red circle and a blue square)."""
     from ospo.shapes.evaluate import check
 
+    cands: list[tuple[str, bool, str]] = []
     for _ in range(8):
         r = rng.random()
         if r < 0.35:
@@ -325,14 +334,13 @@ def yes_no_question(rng: random.Random, scene: Scene, dets, want: bool) -> tuple
             cand = tasks.perturb_scene(scene, rng.choice(["replace", "swap", "drop"]), rng) or scene
         else:
             cand = tasks.sample_scene(rng)[1]
-        qs = gr.questions(cand)
         truth = gr.answers(cand, check(cand, dets)["requirements"])
-        pick = [i for i, t in enumerate(truth) if t == want]
-        if pick:
-            i = rng.choice(pick)
-            return qs[i]["question"], truth[i]
-    i = rng.randrange(len(qs))
-    return qs[i]["question"], truth[i]
+        cands += [(q["question"], bool(t), q["kind"]) for q, t in zip(gr.questions(cand), truth)]
+    kinds = sorted({k for _, t, k in cands if t} & {k for _, t, k in cands if not t})
+    if kinds:
+        kind = rng.choice(kinds)
+        return rng.choice([c for c in cands if c[2] == kind and c[1] == want])
+    return rng.choice([c for c in cands if c[1] == want] or cands)
 
 
 def text_row(engine, user_text: str, answer: str) -> tuple[list[int], int]:
@@ -388,7 +396,7 @@ def yes_no_eval_set(recipe: Recipe, n: int, vq) -> list[tuple[np.ndarray, str, b
         s = Scene.from_dict(rec["scene"])
         img = w.render(w.sample_layout(s, rng))
         imgs.append(img)
-        qs.append(yes_no_question(rng, s, detect(img), i % 2 == 0))
+        qs.append(yes_no_question(rng, s, detect(img), i % 2 == 0)[:2])
     recon = reconstruct(vq, np.stack(imgs)) if imgs else []
     return [(r, q, t) for r, (q, t) in zip(recon, qs)]
 
