@@ -136,10 +136,12 @@ def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     res = pt.build(out, pt.Recipe(**small), vq_cache=tmp_path / "vqc", progress=False, threads=1)
     assert res["recipe_hash"] == pt.recipe_hash(pt.Recipe(**small))
     hist = res["lm_history"]
-    assert [h["step"] for h in hist] == [1, 2, 3] and all(h["gen"] > 0 for h in hist)
-    # understanding and text rows join every und_every-th step (default 2): steps 1 and 3
-    assert [("text" in h, "yes_no" in h) for h in hist] == [(True, True), (False, False), (True, True)]
-    assert hist[0]["text"] > 0 and hist[0]["yes_no"] > 0
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    # generation rows join every gen_every-th step (default 2: steps 1 and 3), understanding
+    # and text rows every und_every-th (default 1: every step)
+    assert [("gen" in h, "text" in h, "yes_no" in h) for h in hist] == [(True, True, True), (False, True, True),
+                                                                       (True, True, True)]
+    assert hist[0]["gen"] > 0 and hist[0]["text"] > 0 and hist[0]["yes_no"] > 0
     assert "yes_no_acc" in hist[1] and "yes_no_acc" in hist[2]
     assert 0.0 <= res["eval"]["yes_no"]["accuracy"] <= 1.0 and res["eval"]["yes_no"]["n"] == 6
     assert json.loads((out / "recipe.json").read_text())["recipe_hash"] == res["recipe_hash"]
@@ -155,11 +157,37 @@ def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     assert len(list((tmp_path / "vqc").iterdir())) == 1
 
 
+def test_generation_inputs_start_at_the_text_embeddings_scale():
+    """Default init leaves visual-token input embeddings ~100x smaller than text ones; the
+    recipe's init brings them to the text embeddings' mean norm, and gradients still flow."""
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    from ospo.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    r = pt.Recipe(hidden=32, layers=2, heads=2, kv_heads=1)
+    torch.manual_seed(0)
+    m = JanusForConditionalGeneration(pt.model_config(r, tok))
+    codes = torch.arange(m.model.generation_embeddings.num_embeddings)[None]
+    text = m.get_input_embeddings().weight.norm(dim=-1).mean().item()
+    before = m.prepare_embeddings_for_image_generation(codes).norm(dim=-1).mean().item()
+    assert before < text / 10
+    assert pt.init_generation_inputs(m) == pytest.approx(text)
+    after = m.prepare_embeddings_for_image_generation(codes)
+    assert after.norm(dim=-1).mean().item() == pytest.approx(text, rel=1e-4)
+    after.sum().backward()
+    assert m.model.generation_embeddings.weight.grad.abs().sum() > 0
+
+
 def test_bad_recipe_setting_is_named():
     with pytest.raises(SystemExit, match="hiden"):
         pt._parse_set(["hiden=3"])
     with pytest.raises(SystemExit, match="steps takes a int"):
         pt._parse_set(["steps=many"])
+    # --set given twice keeps both (it once kept only the last)
+    a = pt._parser().parse_args(["--set", "steps=5", "--set", "hidden=16", "layers=2"])
+    assert a.set == ["steps=5", "hidden=16", "layers=2"]
 
 
 def test_shipped_checkpoint_was_built_by_this_recipe():
