@@ -137,9 +137,9 @@ def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     assert res["recipe_hash"] == pt.recipe_hash(pt.Recipe(**small))
     hist = res["lm_history"]
     assert [h["step"] for h in hist] == [1, 2, 3]
-    # generation rows join every gen_every-th step (default 2: steps 1 and 3), understanding
-    # and text rows every und_every-th (default 1: every step)
-    assert [("gen" in h, "text" in h, "yes_no" in h) for h in hist] == [(True, True, True), (False, True, True),
+    # generation and text rows join every step (gen_every = text_every = 1), understanding
+    # rows every und_every-th (default 2: steps 1 and 3)
+    assert [("gen" in h, "text" in h, "yes_no" in h) for h in hist] == [(True, True, True), (True, True, False),
                                                                        (True, True, True)]
     assert hist[0]["gen"] > 0 and hist[0]["text"] > 0 and hist[0]["yes_no"] > 0
     assert "yes_no_acc" in hist[1] and "yes_no_acc" in hist[2]
