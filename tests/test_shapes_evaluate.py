@@ -139,6 +139,20 @@ def test_yes_no_summary_ties_and_kinds():
     r = ev.yes_no_summary(items, [True, True, False, True])
     assert r["accuracy"] == 0.5 and r["balanced_accuracy"] == pytest.approx((1.0 + 1 / 3) / 2)
     assert r["by_kind"] == {"color": 0.5, "object": 0.5} and r["yes_rate"] == 0.75
+    # only "object" has both truths: (1 + 0) / 2
+    assert r["kind_balanced_accuracy"] == 0.5
+
+
+def test_kind_balanced_accuracy_sees_through_a_question_form_prior():
+    """An answerer that says yes to object questions and no to the others scores high plain
+    accuracy on a set where object questions are mostly true and colour questions mostly
+    false, and exactly 0.5 kind-balanced; a perfect answerer scores 1."""
+    items = ([{"truth": True, "kind": "object"}] * 8 + [{"truth": False, "kind": "object"}] * 2
+             + [{"truth": False, "kind": "color"}] * 8 + [{"truth": True, "kind": "color"}] * 2)
+    prior = [it["kind"] == "object" for it in items]
+    r = ev.yes_no_summary(items, prior)
+    assert r["accuracy"] == 0.8 and r["kind_balanced_accuracy"] == 0.5
+    assert ev.yes_no_summary(items, [it["truth"] for it in items])["kind_balanced_accuracy"] == 1.0
 
 
 # --- mask IoU ------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_yes_no_labels_come_from_the_evaluator():
         _, s = tasks.sample_scene(rng)
         img = w.render(w.sample_layout(s, rng))
         dets = detect(img)
-        q, t = pt.yes_no_question(rng, s, dets, i % 2 == 0)
+        q, t, _ = pt.yes_no_question(rng, s, dets, i % 2 == 0)
         labels.append(t)
         # the label is the truth of that question on this image
         truths = {}
@@ -105,6 +105,26 @@ def test_yes_no_labels_come_from_the_evaluator():
     assert all(gr.answers(s, check(s, detect(img))["requirements"]))
 
 
+def test_yes_no_training_questions_are_balanced_within_each_kind():
+    """The question's form must not tell the answer: per kind, about as many true as false
+    (drawn by truth alone, object questions were 84% true and colour questions 59% false)."""
+    from collections import defaultdict
+
+    from ospo.shapes import world as w
+    from ospo.shapes.evaluate import detect
+
+    rng = random.Random(5)
+    by_kind = defaultdict(list)
+    for i in range(300):
+        _, s = tasks.sample_scene(rng)
+        img = w.render(w.sample_layout(s, rng))
+        q, t, kind = pt.yes_no_question(rng, s, detect(img), i % 2 == 0)
+        by_kind[kind].append(t)
+    assert set(by_kind) >= {"object", "color", "count", "relation"}
+    for kind, ts in by_kind.items():
+        assert 0.3 < sum(ts) / len(ts) < 0.7, (kind, sum(ts), len(ts))
+
+
 def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     from transformers import JanusForConditionalGeneration
 
@@ -116,7 +136,12 @@ def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     res = pt.build(out, pt.Recipe(**small), vq_cache=tmp_path / "vqc", progress=False, threads=1)
     assert res["recipe_hash"] == pt.recipe_hash(pt.Recipe(**small))
     hist = res["lm_history"]
-    assert [h["step"] for h in hist] == [1, 2, 3] and all(h["gen"] > 0 and h["text"] > 0 for h in hist)
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    # generation and text rows join every step (gen_every = text_every = 1), understanding
+    # rows every und_every-th (default 2: steps 1 and 3)
+    assert [("gen" in h, "text" in h, "yes_no" in h) for h in hist] == [(True, True, True), (True, True, False),
+                                                                       (True, True, True)]
+    assert hist[0]["gen"] > 0 and hist[0]["text"] > 0 and hist[0]["yes_no"] > 0
     assert "yes_no_acc" in hist[1] and "yes_no_acc" in hist[2]
     assert 0.0 <= res["eval"]["yes_no"]["accuracy"] <= 1.0 and res["eval"]["yes_no"]["n"] == 6
     assert json.loads((out / "recipe.json").read_text())["recipe_hash"] == res["recipe_hash"]
@@ -132,11 +157,37 @@ def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     assert len(list((tmp_path / "vqc").iterdir())) == 1
 
 
+def test_generation_inputs_start_at_the_text_embeddings_scale():
+    """Default init leaves visual-token input embeddings ~100x smaller than text ones; the
+    recipe's init brings them to the text embeddings' mean norm, and gradients still flow."""
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    from ospo.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    r = pt.Recipe(hidden=32, layers=2, heads=2, kv_heads=1)
+    torch.manual_seed(0)
+    m = JanusForConditionalGeneration(pt.model_config(r, tok))
+    codes = torch.arange(m.model.generation_embeddings.num_embeddings)[None]
+    text = m.get_input_embeddings().weight.norm(dim=-1).mean().item()
+    before = m.prepare_embeddings_for_image_generation(codes).norm(dim=-1).mean().item()
+    assert before < text / 10
+    assert pt.init_generation_inputs(m) == pytest.approx(text)
+    after = m.prepare_embeddings_for_image_generation(codes)
+    assert after.norm(dim=-1).mean().item() == pytest.approx(text, rel=1e-4)
+    after.sum().backward()
+    assert m.model.generation_embeddings.weight.grad.abs().sum() > 0
+
+
 def test_bad_recipe_setting_is_named():
     with pytest.raises(SystemExit, match="hiden"):
         pt._parse_set(["hiden=3"])
     with pytest.raises(SystemExit, match="steps takes a int"):
         pt._parse_set(["steps=many"])
+    # --set given twice keeps both (it once kept only the last)
+    a = pt._parser().parse_args(["--set", "steps=5", "--set", "hidden=16", "layers=2"])
+    assert a.set == ["steps=5", "hidden=16", "layers=2"]
 
 
 def test_shipped_checkpoint_was_built_by_this_recipe():

@@ -47,7 +47,10 @@ Two more measurements go into ``summary.json``:
   false where the record allows. ``--yes-no N`` items in all (0: off), spread evenly over
   the records; per item ``DIR/yes_no.jsonl`` holds the question, truth, answer, p(yes), p(no).
   Reports ``accuracy``, ``balanced_accuracy`` (mean of the accuracies on true and on false
-  items, so always-yes scores 0.5), ``by_kind`` and ``yes_rate``.
+  items, so always-yes scores 0.5), ``kind_balanced_accuracy`` (the same within each
+  question kind, then averaged over kinds: an answerer that reads only the question's form
+  scores 0.5, which plain accuracy does not guarantee here, as object questions are mostly
+  true and colour questions mostly false), ``by_kind`` and ``yes_rate``.
 - ``mask_iou`` (``--masks``, on by default): attention captured while sampling exactly as
   stage 3 does it (:mod:`ospo.stages.images`: the scene's object words located in the fed
   prompt, attention over layers ``[s, L - s)`` with s = ``--skip-layers`` clamped to the
@@ -419,7 +422,11 @@ def yes_no_items(records: list[dict], *, seed: int = 0, per_record: int = 4, lim
 def yes_no_summary(items: list[dict], said_yes: list[bool]) -> dict:
     """Accuracy of yes/no answers (``said_yes[i]`` for ``items[i]``, each with ``truth`` and
     ``kind``): ``n``, ``accuracy``, ``balanced_accuracy`` (mean of the accuracies on true
-    and on false items; the one present when only one kind of item is), ``accuracy_true``,
+    and on false items; the one present when only one kind of item is),
+    ``kind_balanced_accuracy`` (per question kind with both true and false items, the mean of
+    its accuracies on true and on false items; then the mean over those kinds: an answerer
+    that reads only the question's form, e.g. "yes" to every "Is there a ...?", scores 0.5
+    on it whatever the mix of the set), ``accuracy_true``,
     ``accuracy_false``, ``n_true``, ``n_false``, ``by_kind`` and ``yes_rate``. NaN for
     what has no item."""
     if len(items) != len(said_yes):
@@ -432,8 +439,15 @@ def yes_no_summary(items: list[dict], said_yes: list[bool]) -> dict:
     for c, it in zip(right, items):
         by_kind.setdefault(it["kind"], []).append(c)
     parts = [acc(v) for v in (on_true, on_false) if v]
+    per_kind = []
+    for kind in sorted({it["kind"] for it in items}):
+        t = [c for c, it in zip(right, items) if it["kind"] == kind and it["truth"]]
+        f = [c for c, it in zip(right, items) if it["kind"] == kind and not it["truth"]]
+        if t and f:
+            per_kind.append((acc(t) + acc(f)) / 2)
     return {"n": len(items), "accuracy": acc(right),
             "balanced_accuracy": float(np.mean(parts)) if parts else float("nan"),
+            "kind_balanced_accuracy": float(np.mean(per_kind)) if per_kind else float("nan"),
             "accuracy_true": acc(on_true), "accuracy_false": acc(on_false),
             "n_true": len(on_true), "n_false": len(on_false),
             "by_kind": {k: acc(v) for k, v in sorted(by_kind.items())},
@@ -587,6 +601,7 @@ def format_summary(s: dict) -> str:
     if yn:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in yn["by_kind"].items())
         lines.append(f"{'yes/no':<14}{yn['n']:>6}{yn['accuracy']:>10.3f}   (balanced: {yn['balanced_accuracy']:.3f}, "
+                     f"kind-balanced: {yn.get('kind_balanced_accuracy', float('nan')):.3f}, "
                      f"yes rate: {yn['yes_rate']:.3f}; {kinds})")
     mi = s.get("mask_iou")
     if mi:
