@@ -88,7 +88,7 @@ class Recipe:
     heads: int = 6
     kv_heads: int = 2
     vision_layers: int = 3
-    steps: int = 2000          # optimizer steps
+    steps: int = 2500          # optimizer steps; measured held-out generation accuracy: 2000 -> 0.170, 3000 -> 0.618
     copy_weight: float = 2.0   # text jobs that copy from the prompt are drawn this much more often than writing
     lr: float = 1.5e-3
     min_lr_frac: float = 0.1
