@@ -125,13 +125,36 @@ def test_yes_no_training_questions_are_balanced_within_each_kind():
         assert 0.3 < sum(ts) / len(ts) < 0.7, (kind, sum(ts), len(ts))
 
 
+def test_curriculum_grows_one_shape_per_stage_then_asks_everything():
+    r = pt.Recipe(yn_stage_steps=10)
+    assert [pt.curriculum_shapes(s, r) for s in (0, 9, 10, 19, 20, 29)] == [
+        ("circle",), ("circle",), ("circle", "square"), ("circle", "square"),
+        ("circle", "square", "triangle"), ("circle", "square", "triangle")]
+    assert pt.curriculum_shapes(30, r) is None and pt.curriculum_shapes(10_000, r) is None
+
+
+def test_presence_questions_are_true_exactly_when_the_image_holds_the_shape():
+    from ospo.shapes import world as w
+    from ospo.shapes.evaluate import detect
+
+    rng = random.Random(3)
+    s = Scene((Group("circle", 2, "red"), Group("square", 1, "blue")))
+    dets = detect(w.render(w.sample_layout(s, rng)))
+    for _ in range(20):
+        assert pt.presence_question(rng, dets, w.SHAPES, True) in ("Is there a circle?", "Is there a square?")
+        assert pt.presence_question(rng, dets, w.SHAPES, False) == "Is there a triangle?"
+    assert pt.presence_question(rng, dets, ("circle",), False) is None   # nothing fits: the caller redraws
+    assert pt.presence_question(rng, dets, ("circle", "triangle"), True) == "Is there a circle?"
+
+
 def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     from transformers import JanusForConditionalGeneration
 
     from ospo.engine import Engine
 
     small = dict(steps=3, hidden=32, layers=2, heads=2, kv_heads=1, vq_steps=2, gen_rows=4, yes_no_rows=4,
-                 caption_rows=2, text_rows=4, eval_yes_no=6, eval_text=3, eval_every=2, gen_pool=12, und_pool=8)
+                 caption_rows=2, text_rows=4, eval_yes_no=6, eval_text=3, eval_every=2, gen_pool=12, und_pool=8,
+                 yn_stage_steps=1, yn_full_steps=1, yn_rows=4, yn_text_every=3)
     out = tmp_path / "ck"
     res = pt.build(out, pt.Recipe(**small), vq_cache=tmp_path / "vqc", progress=False, threads=1)
     assert res["recipe_hash"] == pt.recipe_hash(pt.Recipe(**small))
@@ -143,6 +166,12 @@ def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
                                                                        (True, True, True)]
     assert hist[0]["gen"] > 0 and hist[0]["text"] > 0 and hist[0]["yes_no"] > 0
     assert "yes_no_acc" in hist[1] and "yes_no_acc" in hist[2]
+    # phase 2, the yes/no curriculum: one shape more per stage, then the full mix; generation
+    # rows every yn_gen_every-th step (default 2), text rows every yn_text_every-th (3 here)
+    yh = res["yes_no_history"]
+    assert [h["shapes"] for h in yh] == [1, 2, 3, "all"]
+    assert [("gen" in h, "text" in h) for h in yh] == [(True, True), (False, False), (True, False), (False, True)]
+    assert all(h["yes_no"] > 0 for h in yh) and "yes_no_acc" in yh[1] and "yes_no_acc" in yh[3]
     assert 0.0 <= res["eval"]["yes_no"]["accuracy"] <= 1.0 and res["eval"]["yes_no"]["n"] == 6
     assert json.loads((out / "recipe.json").read_text())["recipe_hash"] == res["recipe_hash"]
     m = JanusForConditionalGeneration.from_pretrained(out)
