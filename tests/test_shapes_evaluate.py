@@ -235,3 +235,29 @@ def test_cli_reports_yes_no_and_mask_iou(tiny_model_dir, tmp_path):
     assert off["yes_no"] is None and off["mask_iou"] is None and "mask_iou" not in json.loads(
         (tmp_path / "off" / "results.jsonl").read_text().splitlines()[0])
     assert "yes/no" not in ev.format_summary(off)
+
+
+def test_yes_no_on_vq_round_trips(engine, tiny_model_dir, tmp_path):
+    from ospo.shapes import vq as vqm
+
+    items = ev.yes_no_items(_records()[:3], per_record=3)
+    trip = ev.vq_round_trip(engine, items)
+    assert [(t["question"], t["truth"], t["id"]) for t in trip] == [(i["question"], i["truth"], i["id"]) for i in items]
+    firsts = {}
+    for it in items:
+        firsts.setdefault(it["id"], it["image"])
+    want, _ = vqm.reconstruct(engine.model.model.vqmodel, np.stack(list(firsts.values())))
+    for t in trip:
+        got = want[list(firsts).index(t["id"])]
+        assert t["image"] is not None and np.array_equal(t["image"], got)
+    # a round trip is not the identity on a random VQ, and items of one image share one trip
+    assert any(not np.array_equal(t["image"], i["image"]) for t, i in zip(trip, items))
+    by_id = {}
+    for t in trip:
+        assert by_id.setdefault(t["id"], t["image"]) is t["image"]
+
+    prompts = tmp_path / "p.jsonl"
+    gr.write_jsonl(prompts, _records(40)[:2])
+    s = ev.main(["--checkpoint", tiny_model_dir, "--prompts", str(prompts), "--out", str(tmp_path / "vq"),
+                 "--limit", "2", "--yes-no", "4", "--yes-no-images", "vq", "--no-masks"])
+    assert s["yes_no"]["images"] == "vq" and s["yes_no"]["n"] == 4

@@ -483,6 +483,27 @@ def yes_no_accuracy(engine, items: list[dict], *, batch_size: int = 32, details:
     return yes_no_summary(items, said)
 
 
+def vq_round_trip(engine, items: list[dict], *, batch_size: int = 64) -> list[dict]:
+    """``items`` with each image replaced by its round trip through the model's own VQ
+    (encode -> tokens -> decode: what an image the model generated looks like, which is
+    what stage 4 judges). Items that shared an image share its round trip; the questions and
+    truths are kept (the truth is read off the render: the question is about the scene)."""
+    import torch
+
+    from ospo.shapes import vq as vqm
+
+    imgs: dict[int, np.ndarray] = {}
+    for it in items:
+        imgs.setdefault(id(it["image"]), as_array(it["image"]))
+    keys = list(imgs)
+    if not keys:
+        return []
+    with torch.no_grad():
+        out, _ = vqm.reconstruct(engine.model.model.vqmodel, np.stack([imgs[k] for k in keys]), batch_size=batch_size)
+    trip = dict(zip(keys, out))
+    return [dict(it, image=trip[id(it["image"])]) for it in items]
+
+
 # --- CLI ---------------------------------------------------------------------------------
 
 def _read_prompts(path: str) -> list[dict]:
@@ -626,6 +647,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
     ap.add_argument("--yes-no", type=int, default=400, metavar="N",
                     help="yes/no items on ground-truth renders of the same prompts (0: off)")
+    ap.add_argument("--yes-no-images", choices=("render", "vq"), default="render",
+                    help="ask the yes/no questions about the render itself, or about its round trip "
+                         "through the model's VQ (what a generated image looks like)")
     ap.add_argument("--masks", action=argparse.BooleanOptionalAction, default=True,
                     help="capture attention masks while sampling and report their IoU with the detected objects")
     ap.add_argument("--skip-layers", type=int, default=1,
@@ -663,9 +687,12 @@ def main(argv: list[str] | None = None) -> dict:
     if a.yes_no:
         n_rec = max(1, len(prompts))
         items = yes_no_items(prompts, seed=a.seed, per_record=max(2, -(-a.yes_no // n_rec)), limit=a.yes_no)
-        print(f"[shapes.evaluate] scoring {len(items)} yes/no questions", file=sys.stderr)
+        if a.yes_no_images == "vq":
+            items = vq_round_trip(engine, items)
+        print(f"[shapes.evaluate] scoring {len(items)} yes/no questions ({a.yes_no_images} images)", file=sys.stderr)
         rows: list[dict] = []
         summary["yes_no"] = yes_no_accuracy(engine, items, batch_size=a.batch_size, details=rows)
+        summary["yes_no"]["images"] = a.yes_no_images
         with open(out / "yes_no.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -1,6 +1,7 @@
 """Does one OSPO iteration make the ShapesWorld Janus better, and which parts matter?
 
-    python -m ospo.shapes.improve --out DIR [--seeds 0 1 2] [--ablations no_masks no_sft no_filter no_densify]
+    python -m ospo.shapes.improve --out DIR [--seeds 0 1 2]
+        [--ablations no_masks no_sft no_filter no_densify oracle_filter]
         [--limit N] [--eval-limit N] [--eval-seeds K] [--yes-no N] [--iterations 1]
 
 One command for the whole table:
@@ -15,6 +16,11 @@ One command for the whole table:
    - ``no_sft``: ``train.sft_weight=0`` (sec. 5.1)
    - ``no_filter``: ``vqa.filter=false`` (both filter rules off; sec. 5.1)
    - ``no_densify``: ``perturb.densify=false`` (sec. 5.1.3)
+   - ``oracle_filter`` (ours, a diagnostic the paper cannot run): the ``no_filter`` branch's
+     pairs with the self-VQA judge replaced by the world's truth, keeping only the pairs whose
+     chosen image is correct and rejected image wrong (:func:`oracle_pairs`). It measures what
+     the same training gives with a perfect judge, the ceiling of stage 4's filter. Needs
+     ``no_filter``.
 
 3. every trained checkpoint on the same held-out prompts and seeds;
 4. what the loop produced, graded by the world's truth (:func:`loop_stats`): prompts kept,
@@ -44,6 +50,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "no_filter": ("vqa", ["vqa.filter=false"]),
     "no_densify": ("perturb", ["perturb.densify=false"]),
 }
+ORACLE = "oracle_filter"
+CHOICES = [*ABLATIONS, ORACLE]
 
 
 def _run(argv: list[str]) -> None:
@@ -145,6 +153,52 @@ def loop_stats(run_dir: Path, iteration: int = 0) -> dict:
     return out
 
 
+def oracle_pairs(run_dir: Path, iteration: int = 0) -> dict:
+    """Keep, in ``run_dir``'s ``pairs.jsonl``, only the preference-true pairs: chosen image
+    correct and rejected image wrong for the ORIGINAL prompt's scene (the world's evaluator).
+    Pairs whose prompt is not in the world's grammar are dropped (ungradeable). Writes
+    ``oracle.json`` next to it (counts) and returns it; a second call keeps the first result."""
+    from ospo.rundir import atomic_write_json, read_jsonl, write_jsonl_atomic
+    from ospo.shapes import grammar as gr
+    from ospo.shapes.evaluate import evaluate
+
+    it = run_dir / f"iter_{iteration:02d}"
+    done = it / "oracle.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    pairs = read_jsonl(it / "pairs.jsonl")
+    keep, ungradeable = [], 0
+    for p in pairs:
+        scene = gr.parse(p["prompt"])
+        if scene is None:
+            ungradeable += 1
+            continue
+        ok = [evaluate(scene, str(run_dir / p[side]["image"]))["correct"] for side in ("chosen", "rejected")]
+        if ok[0] and not ok[1]:
+            keep.append(p)
+    if not keep:
+        raise RuntimeError(f"oracle_filter: no preference-true pair among the {len(pairs)} in {it / 'pairs.jsonl'}")
+    write_jsonl_atomic(it / "pairs.jsonl", keep)
+    info = {"pairs_in": len(pairs), "pairs_kept": len(keep), "ungradeable": ungradeable}
+    atomic_write_json(done, info)
+    return info
+
+
+def _oracle_branch(no_filter: Path, wd: Path, common: list[str], limit: list[str]) -> None:
+    """Branch ``no_filter`` before training, swap its pairs for :func:`oracle_pairs`, train."""
+    from ospo import run as R
+    from ospo.rundir import branch
+
+    ov = [*common, *ABLATIONS["no_filter"][1]]
+    if not (wd / "iter_00" / "oracle.json").exists():
+        cfg = R.load_config(R.parse_args(["--stage", "all", "--iterations", "1", *ov]))
+        print(f"[improve] oracle_filter: branch of {no_filter} before train, pairs judged by the world's truth",
+              file=sys.stderr, flush=True)
+        branch(no_filter, wd, "train", cfg.stage_view, 0)
+        oracle_pairs(wd, 0)
+    _run(["--stage", "all", "--workdir", str(wd), "--iteration", "0", "--iterations", "1", *limit, *ov])
+
+
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -192,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m ospo.shapes.improve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
+    ap.add_argument("--ablations", nargs="*", default=CHOICES, choices=CHOICES)
     ap.add_argument("--limit", type=int, default=None, help="cap prompts per OSPO iteration (quick runs)")
     ap.add_argument("--eval-limit", type=int, default=None, help="first N held-out prompts only (quick runs)")
     ap.add_argument("--eval-seeds", type=int, default=2, help="images per held-out prompt")
@@ -200,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iterations", type=int, default=1, choices=[1, 2])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     a = ap.parse_args(argv)
+    if ORACLE in a.ablations and "no_filter" not in a.ablations:
+        ap.error(f"--ablations {ORACLE} branches from no_filter: name both")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -220,9 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"ospo": (src, 0)}
         if a.iterations == 2:
             runs["ospo_iter2"] = (src, 1)
-        for ab in a.ablations:
-            stage, ov = ABLATIONS[ab]
+        for ab in sorted(a.ablations, key=lambda x: x == ORACLE):   # the oracle needs no_filter first
             wd = out / "runs" / f"s{s}" / ab
+            if ab == ORACLE:
+                _oracle_branch(out / "runs" / f"s{s}" / "no_filter", wd, common, limit)
+                runs[ab] = (wd, 0)
+                continue
+            stage, ov = ABLATIONS[ab]
             # --iteration 0: the ablation changes the FIRST iteration (without it a branch starts
             # from the source's latest iteration, i.e. the second one under --iterations 2)
             _run(["--stage", "all", "--from", str(src), "--from-stage", stage, "--iteration", "0",
@@ -236,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "heldout_overlap": len(overlap), "overall_without_overlap": _accuracy_without(ev_dir, overlap),
                      "base_overall_without_overlap": _accuracy_without(out / "eval" / "base", overlap),
                      "loop": loop_stats(wd, it)}
+            if (wd / f"iter_{it:02d}" / "oracle.json").exists():
+                entry["loop"]["oracle"] = json.loads((wd / f"iter_{it:02d}" / "oracle.json").read_text())
             per[name].append(entry)
             result["runs"][f"s{s}-{name}"] = entry
     result["variants"] = {}
