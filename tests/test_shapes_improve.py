@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ospo.shapes import improve
 
 
@@ -89,9 +91,5 @@ def test_oracle_pairs_keeps_only_preference_true_pairs(tmp_path):
     assert improve.oracle_pairs(tmp_path, 0) == info
     gr.write_jsonl(it / "pairs.jsonl", pairs[1:2])
     (it / "oracle.json").unlink()
-    try:
+    with pytest.raises(RuntimeError, match="no preference-true pair"):
         improve.oracle_pairs(tmp_path, 0)
-    except RuntimeError as e:
-        assert "no preference-true pair" in str(e)
-    else:
-        raise AssertionError("an oracle with nothing to keep must stop")

@@ -150,6 +150,8 @@ def loop_stats(run_dir: Path, iteration: int = 0) -> dict:
     out["filter"] = {"precision": round(tp / sum(passed), 4) if sum(passed) else None,
                      "recall": round(tp / sum(good), 4) if sum(good) else None,
                      "passed": sum(passed), "truly_good": sum(good), "of": len(pairs)}
+    if (it / "oracle.json").exists():      # an oracle_filter branch: what the truth kept (oracle_pairs)
+        out["oracle"] = json.loads((it / "oracle.json").read_text())
     return out
 
 
@@ -296,8 +298,6 @@ def main(argv: list[str] | None = None) -> dict:
                      "heldout_overlap": len(overlap), "overall_without_overlap": _accuracy_without(ev_dir, overlap),
                      "base_overall_without_overlap": _accuracy_without(out / "eval" / "base", overlap),
                      "loop": loop_stats(wd, it)}
-            if (wd / f"iter_{it:02d}" / "oracle.json").exists():
-                entry["loop"]["oracle"] = json.loads((wd / f"iter_{it:02d}" / "oracle.json").read_text())
             per[name].append(entry)
             result["runs"][f"s{s}-{name}"] = entry
     result["variants"] = {}
