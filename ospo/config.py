@@ -223,6 +223,13 @@ class TrainConfig:
     the public code uses gamma/beta = 0.5, so 0.5 * beta = 0.25 (ours)."""
     sft_weight: float = 2.0
     """lambda on the SFT term (mean NLL of y_w) (OSPO sec. 3.7: 2). 0 turns SFT off."""
+    sft_uncond_weight: float = 0.0
+    """Weight on a second SFT term: the NLL of y_w under the unconditional prompt (pad
+    everywhere but BOS and ``<begin_of_image>``, the row classifier-free guidance samples
+    from). Ours, not the paper's (0 = the paper's loss): the paper's terms train the
+    conditional rows only, so CFG's ``uncond + s (cond - uncond)`` extrapolates every change
+    s times; this keeps the unconditional distribution moving with the conditional one, as
+    Janus's pretraining does with its unconditional rows. A diagnostic (README, ShapesWorld)."""
     mask_smoothing: float = 0.0
     """Gaussian sigma (in tokens) applied to masks before use; the normalized preset uses 1.0
     (public code smooths masks). 0 keeps the binary masks (paper)."""
@@ -270,6 +277,7 @@ class TrainConfig:
         _check(self.beta > 0, "train.beta", "must be > 0")
         _check(self.alpha >= 0, "train.alpha", "must be >= 0")
         _check(self.sft_weight >= 0, "train.sft_weight", "must be >= 0")
+        _check(self.sft_uncond_weight >= 0, "train.sft_uncond_weight", "must be >= 0")
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         for k in ("micro_batch_size", "grad_accum", "max_steps", "lora_r", "log_every"):

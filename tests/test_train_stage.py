@@ -186,6 +186,35 @@ def test_simpo_alpha_zero_and_sft_only_switches(tmp_path, tiny_model_dir):
     assert f["loss/sft"] == pytest.approx(-f["logps/chosen"], abs=1e-5)
 
 
+def test_unconditional_sft_term_adds_the_chosen_images_nll_under_the_guidance_row(tmp_path, tiny_model_dir):
+    """train.sft_uncond_weight > 0 adds the chosen tokens' NLL under the unconditional prompt
+    (the row CFG samples from: sampling's rule); 0, the paper's loss, leaves it out."""
+    from ospo import sampling
+    from ospo.logps import pad_prompts, visual_logps_padded
+
+    recs = write_pairs(tmp_path / "u", n=2)
+    write_pairs(tmp_path / "p", n=2)
+    common = ("train.max_steps=1", "train.micro_batch_size=2", "train.grad_accum=1", "train.gradient_checkpointing=false")
+    run_train(tmp_path / "u", tiny_model_dir, *common, "train.sft_uncond_weight=1.5")
+    run_train(tmp_path / "p", tiny_model_dir, *common)
+    u = read_jsonl(tmp_path / "u" / "iter_00" / "train_log.jsonl")[0]
+    p = read_jsonl(tmp_path / "p" / "iter_00" / "train_log.jsonl")[0]
+    assert p["loss/sft_uncond"] == 0.0
+    assert p["loss/total"] == pytest.approx(p["loss/simpo"] + 2.0 * p["loss/sft"], abs=1e-5)
+    assert u["loss/total"] == pytest.approx(u["loss/simpo"] + 2.0 * u["loss/sft"] + 1.5 * u["loss/sft_uncond"], abs=1e-5)
+    # the term's value, computed independently from the base model (step 1 runs before any update)
+    eng = Engine.load(path=tiny_model_dir)
+    ids, mask = pad_prompts(eng.image_prompt_ids([r["prompt"] for r in recs]), eng.ids.pad)
+    un = sampling._uncond(eng, ids)
+    assert train.unconditional_prompt(eng.image_prompt_ids([recs[0]["prompt"]])[0], eng.ids.pad) == \
+        un[0][mask[0].bool()].tolist()
+    toks = torch.tensor([r["chosen"]["tokens"] for r in recs])
+    with torch.no_grad():
+        lp = visual_logps_padded(eng.model, un, mask, toks)
+    assert u["loss/sft_uncond"] == pytest.approx(-lp.mean().item(), abs=1e-4)
+    assert abs(u["loss/sft_uncond"] - u["loss/sft"]) > 1e-3   # not the conditional rows' NLL
+
+
 def test_deepspeed_zero2_single_process_cpu(tmp_path, tiny_model_dir, monkeypatch):
     pytest.importorskip("deepspeed")
     import torch.distributed as td

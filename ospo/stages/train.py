@@ -10,6 +10,7 @@ Per micro-batch, chosen and rejected rows go through ONE concatenated teacher-fo
 forward (:mod:`ospo.logps`), then
 
     loss = ObjSimPO(chosen, rejected; alpha, beta, gamma, variant) + sft_weight * SFT(chosen)
+           [+ sft_uncond_weight * SFT(chosen | unconditional prompt)   (ours; 0 by default)]
 
 (``train.loss=simpo`` sets alpha = 0; ``train.loss=sft`` trains the SFT term alone;
 ``train.sft_weight=0`` turns SFT off: the paper's loss ablations). AdamW, cosine schedule
@@ -31,7 +32,8 @@ Outputs in ``iter_XX/``:
 
 - ``train_log.jsonl``: one record per optimizer step (ledger id ``step-000001``...) with
   ``loss/total``, ``loss/simpo``, ``loss/sft``, ``rewards/chosen``, ``rewards/rejected``,
-  ``rewards/margins``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``, ``lr``,
+  ``rewards/margins``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``,
+  ``loss/sft_uncond`` (0 unless ``train.sft_uncond_weight`` > 0), ``lr``,
   ``grad_norm``, ``pairs_per_s`` (also to TensorBoard under ``tensorboard/`` when installed).
 - ``train_state/``: resumable state every ``save_every`` steps (trainable weights,
   optimizer, scheduler, step, RNG; DeepSpeed's own checkpoint under DeepSpeed). The data
@@ -76,7 +78,7 @@ LOG = "train_log.jsonl"
 # Target modules for LoRA: the projections of transformers' Janus language model (LLaMA).
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 METRICS = ("loss/total", "loss/simpo", "loss/sft", "rewards/chosen", "rewards/rejected", "rewards/margins",
-           "rewards/accuracy", "logps/chosen", "logps/rejected")
+           "rewards/accuracy", "logps/chosen", "logps/rejected", "loss/sft_uncond")
 
 
 def _after_step(step: int) -> None:
@@ -146,6 +148,15 @@ def load_pairs(records: list[dict], engine, rundir=None, *, mask_smoothing: floa
 def total_steps(tc, n_pairs: int, world: int) -> int:
     per_step = tc.micro_batch_size * tc.grad_accum * world
     return max(1, min(tc.max_steps, math.floor(tc.epochs * n_pairs / per_step)))
+
+
+def unconditional_prompt(prompt_ids: list[int], pad: int) -> list[int]:
+    """The unconditional row of a prompt that ends in ``<begin_of_image>``: pad everywhere but
+    its first token (BOS) and its last, the rule generate() and :mod:`ospo.sampling` sample
+    the guidance rows with (same length, every position attended)."""
+    if len(prompt_ids) < 2:
+        return list(prompt_ids)
+    return [prompt_ids[0]] + [pad] * (len(prompt_ids) - 2) + [prompt_ids[-1]]
 
 
 # --- the trainer --------------------------------------------------------------------------
@@ -240,20 +251,28 @@ class Trainer:
         return [int(self._perm((g + j) // n)[(g + j) % n]) for j in range(b)]
 
     # -- one optimizer step --
-    def _logps(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logps(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the chosen and rejected tokens under their prompt, and (when
+        ``sft_uncond_weight`` > 0) of the chosen tokens under the unconditional prompt."""
         d, dev = self.data, self.device
         prompts = [d.prompt_ids[i] for i in idx]
+        uncond = [unconditional_prompt(p, self.engine.ids.pad) for p in prompts] if self.tc.sft_uncond_weight > 0 else []
         fwd = self.ds if self.ds is not None else self.module
         amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and self.ds is None and dev.type == "cuda"
                else nullcontext())
         with amp:
+            n = len(idx)
             if self.concat:
-                ids, mask = pad_prompts(prompts + prompts, self.engine.ids.pad, dev)
-                toks = torch.cat([d.chosen_tokens[idx], d.rejected_tokens[idx]]).to(dev)
-                lp = fwd(ids, mask, toks)
-                return lp[:len(idx)], lp[len(idx):]
+                ids, mask = pad_prompts(prompts + prompts + uncond, self.engine.ids.pad, dev)
+                toks = torch.cat([d.chosen_tokens[idx], d.rejected_tokens[idx]] + ([d.chosen_tokens[idx]] if uncond else []))
+                lp = fwd(ids, mask, toks.to(dev))
+                return lp[:n], lp[n:2 * n], (lp[2 * n:] if uncond else None)
             ids, mask = pad_prompts(prompts, self.engine.ids.pad, dev)
-            return fwd(ids, mask, d.chosen_tokens[idx].to(dev)), fwd(ids, mask, d.rejected_tokens[idx].to(dev))
+            lp_u = None
+            if uncond:
+                u_ids, u_mask = pad_prompts(uncond, self.engine.ids.pad, dev)
+                lp_u = fwd(u_ids, u_mask, d.chosen_tokens[idx].to(dev))
+            return fwd(ids, mask, d.chosen_tokens[idx].to(dev)), fwd(ids, mask, d.rejected_tokens[idx].to(dev)), lp_u
 
     def step(self, step: int) -> dict:
         tc, d = self.tc, self.data
@@ -264,12 +283,15 @@ class Trainer:
         for micro in range(tc.grad_accum):
             idx = self.micro_indices(step, micro)
             step_ids += [d.ids[i] for i in idx]
-            lp_w, lp_l = self._logps(idx)
+            lp_w, lp_l, lp_u = self._logps(idx)
             cm, rm = d.chosen_mask[idx].to(lp_w.device), d.rejected_mask[idx].to(lp_w.device)
             losses, r_w, r_l = obj_simpo_loss(lp_w, lp_l, cm, rm, alpha=alpha, beta=tc.beta, gamma=tc.gamma,
                                               variant=tc.variant)
             sft = sft_loss(lp_w)
             per_ex = sft if tc.loss == "sft" else losses + tc.sft_weight * sft
+            sft_u = sft_loss(lp_u) if lp_u is not None else torch.zeros_like(sft)
+            if lp_u is not None:
+                per_ex = per_ex + tc.sft_uncond_weight * sft_u
             self._check_finite(step, [d.ids[i] for i in idx], per_ex)
             total = per_ex.mean()
             if self.ds is not None:
@@ -279,7 +301,7 @@ class Trainer:
                 (total / tc.grad_accum).backward()
             with torch.no_grad():
                 vals = (total, losses.mean(), sft.mean(), r_w.mean(), r_l.mean(), (r_w - r_l).mean(),
-                        (r_w > r_l).float().mean(), lp_w.mean(), lp_l.mean())
+                        (r_w > r_l).float().mean(), lp_w.mean(), lp_l.mean(), sft_u.mean())
                 for k, v in zip(METRICS, vals):
                     sums[k] += float(v) / tc.grad_accum
         if self.ds is not None:
