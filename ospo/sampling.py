@@ -200,6 +200,96 @@ def _cache_kwarg(fn) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _stock_llama_layers(lm) -> bool:
+    """True when every decoder layer of ``lm`` is transformers' own Llama layer with its own
+    forwards and no hooks, i.e. when :func:`_llama_layer_step` computes exactly what
+    ``layer(...)`` computes. Anything else (another architecture, a patched or hooked module:
+    DeepSpeed, accelerate offload, PEFT, hub kernels) takes the stock call."""
+    from torch.nn.modules import module as nn_module
+    from transformers.models.llama import modeling_llama as ml
+
+    def hooked(mod) -> bool:
+        # transformers' output-capturing hooks (installed once a forward has collected
+        # attentions or hidden states, then left in place) return at once outside a collecting
+        # ``LlamaModel.forward``, which a decode step never is; any other hook counts
+        hooks = list(mod._forward_hooks.values()) + list(mod._forward_pre_hooks.values())
+        return any(getattr(h, "__module__", "") != "transformers.utils.output_capturing" for h in hooks) \
+            or "forward" in vars(mod)
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    norm = getattr(lm, "norm", None)
+    if type(norm) is not ml.LlamaRMSNorm or hooked(norm):
+        return False
+    stock = ((ml.LlamaDecoderLayer, ("self_attn", ml.LlamaAttention), ("mlp", ml.LlamaMLP),
+              ("input_layernorm", ml.LlamaRMSNorm), ("post_attention_layernorm", ml.LlamaRMSNorm)))
+    for layer in lm.layers[: lm.config.num_hidden_layers]:
+        if type(layer) is not stock[0] or layer.training:
+            return False
+        mods = [layer] + [getattr(layer, name, None) for name, _ in stock[1:]]
+        mods += [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                 layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+        for (name, cls), mod in zip(stock[1:], mods[1:5]):
+            if type(mod) is not cls:
+                return False
+        for mod in mods:
+            if hooked(mod):
+                return False
+        for lin in mods[5:]:
+            if type(lin) is not torch.nn.Linear:
+                return False
+    return True
+
+
+def _rms(eps: float, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, op for op: float32 statistics, the weight applied in the input
+    dtype (the two casts are identities in float32 and skipped there)."""
+    if h.dtype == torch.float32:
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    x = h.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def _layer_params(layer) -> tuple:
+    """The tensors and constants :func:`_llama_layer_step` reads, looked up once per batch
+    (``nn.Module.__getattr__`` per step was a visible share of a tiny model's step)."""
+    at, mlp = layer.self_attn, layer.mlp
+    lin = lambda m: (m.weight, m.bias)  # noqa: E731
+    return (layer.input_layernorm.variance_epsilon, layer.input_layernorm.weight, *lin(at.q_proj), *lin(at.k_proj),
+            *lin(at.v_proj), *lin(at.o_proj), layer.post_attention_layernorm.variance_epsilon,
+            layer.post_attention_layernorm.weight, *lin(mlp.gate_proj), *lin(mlp.up_proj), *lin(mlp.down_proj),
+            mlp.act_fn, at, at.head_dim, at.scaling)
+
+
+def _llama_layer_step(p: tuple, h, mask, cos, sin_signed, pos, cache_layer, attention):
+    """``LlamaDecoderLayer.forward`` for a decode step, written out with the layer's own weights
+    (``p``, from :func:`_layer_params`) and the ops of transformers' Llama in the same order:
+    ``F.linear`` on each projection's weight and bias, the RMSNorm and SwiGLU formulas, the
+    rotary embedding, the cache written through the layer's own ``update``, and attention through
+    the configured attention function (so the capture still sees every armed layer). Rotary:
+    ``rotate_half(q) * sin`` is ``roll(q, D/2) * sin_signed`` with the first half of ``sin``
+    negated, the same products (a sign flip is exact), in 4 ops instead of 7. Why written out:
+    per decode step the stock layer makes about 20 module calls and a deprecation-wrapper call;
+    on a tiny model at batch 1 that Python is most of the step. Used only when
+    :func:`_stock_llama_layers` holds; tests compare tokens and maps with the stock layers."""
+    (eps1, wn1, wq, bq, wk, bk, wv, bv, wo, bo, eps2, wn2, wg, bg, wu, bu, wd, bd, act, attn, hd, scaling) = p
+    linear = torch.nn.functional.linear
+    x = _rms(eps1, wn1, h)
+    shape = (*x.shape[:-1], -1, hd)
+    q = linear(x, wq, bq).view(shape).transpose(1, 2)
+    k = linear(x, wk, bk).view(shape).transpose(1, 2)
+    v = linear(x, wv, bv).view(shape).transpose(1, 2)
+    half = hd // 2
+    q = (q * cos) + (torch.roll(q, half, -1) * sin_signed)
+    k = (k * cos) + (torch.roll(k, half, -1) * sin_signed)
+    k, v = cache_layer.update(k, v)
+    o, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=scaling, position_ids=pos, use_cache=True)
+    h = h + linear(o.reshape(*x.shape[:-1], -1).contiguous(), wo, bo)
+    x = _rms(eps2, wn2, h)
+    return h + linear(act(linear(x, wg, bg)) * linear(x, wu, bu), wd, bd)
+
+
 class _DecodeStep:
     """One decode step of the language model with its per-call wrapping left out.
 
@@ -207,23 +297,34 @@ class _DecodeStep:
     config defaults, installs output capturing, builds the causal mask, computes the rotary
     embedding of the step's positions, then runs the decoder layers and the final norm. For a
     decode step the mask is already a ready 4D tensor (returned as-is by ``create_causal_mask``)
-    and the positions of every step are known when the batch starts, so this calls the same
+    and the positions of every step are known when the batch starts, so this runs the same
     decoder layers and norm, with the same arguments, and takes the rotary embeddings of all
-    T steps from one call made up front. The outputs are those of ``lm(...)``: the same modules
-    run the same ops (tests compare the tokens with ``generate`` and the maps with eager
-    attention). On a tiny CPU model the wrapping was a large share of a step at batch 1.
-    Language models without ``layers`` / ``norm`` / ``rotary_emb`` take the plain call.
+    T steps from one call made up front. When the layers are transformers' stock Llama layers
+    (:func:`_stock_llama_layers`) each is run by :func:`_llama_layer_step`, the same ops without
+    the module-call machinery; otherwise each layer is called. The outputs are those of
+    ``lm(...)`` (tests compare the tokens with ``generate`` and the maps with eager attention).
+    On a tiny CPU model the wrapping was a large share of a step at batch 1. Language models
+    without ``layers`` / ``norm`` / ``rotary_emb`` take the plain call.
     """
 
-    def __init__(self, lm, first_pos: torch.Tensor, steps: int, ref: torch.Tensor):
+    def __init__(self, lm, first_pos: torch.Tensor, steps: int, ref: torch.Tensor, cache=None):
         self.lm = lm
         self.lean = all(hasattr(lm, a) for a in ("layers", "norm", "rotary_emb"))
         self.pos = first_pos + torch.arange(steps, device=first_pos.device)[None, :]   # (rows, T)
+        self.inline = False
         if self.lean:
             self.kw = _cache_kwarg(lm.layers[0].forward)
             cos, sin = lm.rotary_emb(ref, position_ids=self.pos)
             self.cos, self.sin = cos, sin
             self.layers = list(lm.layers[: lm.config.num_hidden_layers])
+            self.inline = (cache is not None and hasattr(cache, "layers") and len(cache.layers) == len(self.layers)
+                           and _stock_llama_layers(lm))
+            if self.inline:  # per step, broadcast over heads as apply_rotary_pos_emb(unsqueeze_dim=1) does
+                half = cos.shape[-1] // 2
+                self.cos_h = cos.unsqueeze(1)
+                self.sin_h = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
+                self.params = [_layer_params(layer) for layer in self.layers]
+                self.norm = (lm.norm.variance_epsilon, lm.norm.weight)
 
     def __call__(self, emb: torch.Tensor, mask: torch.Tensor, i: int, cache) -> torch.Tensor:
         """Last hidden state ``(rows, 1, H)`` of the visual token fed at step ``i`` (position
@@ -232,8 +333,18 @@ class _DecodeStep:
         if not self.lean:
             return self.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True,
                            **{_cache_kwarg(self.lm.forward): cache}).last_hidden_state
-        pe = (self.cos[:, i:i + 1], self.sin[:, i:i + 1])
         h = emb
+        if self.inline:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+            from transformers.models.llama.modeling_llama import eager_attention_forward
+
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.lm.config._attn_implementation,
+                                                              eager_attention_forward)
+            cos, sin = self.cos_h[:, :, i:i + 1], self.sin_h[:, :, i:i + 1]
+            for p, cl in zip(self.params, cache.layers):
+                h = _llama_layer_step(p, h, mask, cos, sin, pos, cl, attention)
+            return _rms(*self.norm, h)
+        pe = (self.cos[:, i:i + 1], self.sin[:, i:i + 1])
         for layer in self.layers:
             h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
                       **{self.kw: cache})
@@ -306,7 +417,7 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
             if i == 0:  # prefill: the stock call (2D mask, transformers' own causal-mask builder)
                 hidden = lm(inputs_embeds=emb, attention_mask=mask2, position_ids=step_pos, use_cache=True,
                             **{_cache_kwarg(lm.forward): cache}).last_hidden_state
-                decode = _DecodeStep(lm, next_pos, T - 1, hidden)
+                decode = _DecodeStep(lm, next_pos, T - 1, hidden, cache)
             else:
                 step_mask[:, :, :, P + i - 1] = True  # the visual token fed at this step
                 hidden = decode(emb, step_mask[..., :P + i], i - 1, cache)

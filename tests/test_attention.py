@@ -146,6 +146,43 @@ def test_greedy_loop_matches_teacher_forced_cfg_and_generate(engine):
     assert ref[0].tolist() == toks[1]
 
 
+def test_inlined_llama_layers_equal_the_module_calls_and_yield_to_hooks(engine, monkeypatch):
+    """The decode step's written-out Llama layer (``_llama_layer_step``) against the stock
+    ``layer(...)`` calls: the same tokens and bit-identical maps, in a left-padded batch with
+    capture; and any forward hook on a layer sends the step back to the module calls."""
+    ids = _ids(engine)
+    lm = engine.model.model.language_model
+    assert sampling._stock_llama_layers(lm)
+    spec = sampling.CaptureSpec(LAYERS, _spans(ids))
+    used = []
+    real = sampling._llama_layer_step
+
+    def counting(*a, **k):
+        used.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "_llama_layer_step", counting)
+    fast = sampling.sample_images(engine, ids, [3, 4], guidance_scale=2.0, batch_size=2, capture=spec)
+    assert used  # the inline path ran
+    monkeypatch.setattr(sampling, "_stock_llama_layers", lambda lm: False)
+    used.clear()
+    slow = sampling.sample_images(engine, ids, [3, 4], guidance_scale=2.0, batch_size=2, capture=spec)
+    assert not used
+    assert [r.tokens for r in fast] == [r.tokens for r in slow]
+    for a, b in zip(fast, slow):
+        for x, y in zip(a.maps, b.maps):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
+    monkeypatch.undo()
+    handle = lm.layers[2].mlp.register_forward_hook(lambda mod, inp, out: out)
+    try:
+        assert not sampling._stock_llama_layers(lm)
+    finally:
+        handle.remove()
+    assert sampling._stock_llama_layers(lm)
+
+
 def test_default_layers_clamped():
     assert attention.default_layers(24, 5) == list(range(5, 19))
     assert attention.default_layers(6, 5) == [2, 3]
