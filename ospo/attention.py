@@ -26,10 +26,14 @@ padding (the caller gives span columns in padded coordinates).
 Two ways to record. Immediate (:meth:`ObjectAttentionCapture.record` computes in the
 attention call; the teacher-forced pass, many queries per row, any cache). Deferred, for the
 sampler (``deferred=True``): the attention call only keeps the captured rows' last query per
-armed layer, and after the forward :meth:`ObjectAttentionCapture.flush` scores them against
+armed layer, after the forward :meth:`ObjectAttentionCapture.stash` sets them aside, and
+every few steps :meth:`ObjectAttentionCapture.flush` scores the stashed steps' queries against
 every armed layer's live keys in one batched matmul + softmax (the sampler's KV store keeps
-those keys contiguous). Per decode step that is a handful of ops instead of a dozen per
-layer: on the tiny CPU model the per-layer way cost 15-20% of the sampling time at grid 24.
+those keys contiguous), each step's query masked to the keys it saw. Per decode step that is
+a handful of ops instead of a dozen per layer (on the tiny CPU model the per-layer way cost
+15-20% of the sampling time at grid 24), and with k steps per flush the keys are read once
+per k queries instead of once per query (the matmul is one query row per head otherwise:
+memory bound).
 """
 
 from __future__ import annotations
@@ -99,6 +103,8 @@ class ObjectAttentionCapture:
         self._mask_src = self._mask_key = self._mask_add = None
         self.deferred = bool(deferred)
         self._queries: dict[int, torch.Tensor] = {}
+        self._pending: list[torch.Tensor] = []  # stashed steps' queries, (Ly, R, H, 1, D) each
+        self._pending_t0 = 0
         self._blocked = None
         self.seconds = 0.0  # wall time spent in record / flush / object_maps (host side)
         self._scale: float | None = None
@@ -164,44 +170,73 @@ class ObjectAttentionCapture:
         p = p.view(R, H, n, KV)[..., :P].sum(1)  # (R, n, P): summed over heads
         self.buf[:, self.t:self.t + n, :P].add_(p, alpha=1.0 / H)
 
+    @property
+    def pending(self) -> int:
+        """Steps stashed and not yet flushed."""
+        return len(self._pending)
+
+    def stash(self) -> None:
+        """Deferred mode, after one forward of a one-query-per-row decode: set step :attr:`t`'s
+        queries of every armed layer aside for the next :meth:`flush` (one stack, no scoring)."""
+        t0 = time.perf_counter()
+        missing = [i for i in self.layers if i not in self._queries]
+        if missing:
+            raise RuntimeError(f"capture: no query recorded for layers {missing} (not running {NAME}?)")
+        if not self._pending:
+            self._pending_t0 = self.t
+        elif self.t != self._pending_t0 + len(self._pending):
+            raise RuntimeError(f"capture: step {self.t} stashed after steps {self._pending_t0}.."
+                               f"{self._pending_t0 + len(self._pending) - 1}")
+        if self.t + 1 > self.steps:
+            raise RuntimeError(f"capture: step {self.t} exceeds the {self.steps} steps armed")
+        self._pending.append(torch.stack([self._queries[i] for i in self.layers]))
+        self._queries.clear()
+        self.seconds += time.perf_counter() - t0
+
     def flush(self, keys: torch.Tensor, allowed: torch.Tensor) -> None:
-        """Deferred mode, after one forward of a one-query-per-row decode: record step :attr:`t`
-        for every armed layer at once.
+        """Deferred mode: record every stashed step (:meth:`stash`), all armed layers at once.
 
         ``keys``: ``(layers, rows, Hkv, D, KV)``, the live keys of the armed layers in
-        :attr:`layers` order, transposed (kept so by the sampler's KV store: a view here);
-        ``allowed``: ``(rows, Pm)`` bool, which of the first Pm key columns (the prompt, left
-        padded) the last query of each captured row may attend; columns from Pm on (the visual
-        tokens fed so far) are all attended, as in a causal decode. One batched matmul and one
-        softmax over all layers.
+        :attr:`layers` order at the last stashed step, transposed (kept so by the sampler's KV
+        store: a view here); with k steps stashed from step t0 on, KV is ``prompt_len + t0 + k -
+        1`` and step t0 + j saw the first ``prompt_len + t0 + j`` of them (step 0 is the
+        prefill's last query, which sees the prompt). ``allowed``: ``(rows, Pm)`` bool, which of
+        the first Pm key columns (the prompt, left padded) the captured rows may attend; the
+        visual tokens' columns are causal. One batched matmul and one softmax over all layers and
+        stashed steps.
         """
         t0 = time.perf_counter()
         self._flush(keys, allowed)
         self.seconds += time.perf_counter() - t0
 
     def _flush(self, keys: torch.Tensor, allowed: torch.Tensor) -> None:
-        if self.t + 1 > self.steps:
-            raise RuntimeError(f"capture: step {self.t} exceeds the {self.steps} steps armed")
-        missing = [i for i in self.layers if i not in self._queries]
-        if missing:
-            raise RuntimeError(f"capture: no query recorded for layers {missing} (not running {NAME}?)")
-        R = self.rows
-        q = torch.stack([self._queries[i] for i in self.layers]) * self._scale  # (Ly, R, H, 1, D)
-        self._queries.clear()
+        if self._queries:  # a forward's queries not stashed yet: the one-step call
+            self.stash()
+        if not self._pending:
+            return
+        R, k, t0 = self.rows, len(self._pending), self._pending_t0
+        q = (self._pending[0] if k == 1 else torch.cat(self._pending, dim=3)) * self._scale  # (Ly, R, H, k, D)
+        self._pending = []
         Ly, _, H, _, D = q.shape
         Hkv, KV = keys.shape[2], keys.shape[4]
+        if KV != self.prompt_len + t0 + k - 1:
+            raise RuntimeError(f"capture: {KV} live keys for steps {t0}..{t0 + k - 1} "
+                               f"(expected {self.prompt_len + t0 + k - 1})")
         rep = H // Hkv
-        # grouped-query heads: a key/value head's rep query heads are rows of one matmul
-        s = torch.bmm(q.reshape(Ly * R * Hkv, rep, D), keys[:, :R].reshape(Ly * R * Hkv, D, KV))
-        s = s.view(Ly, R, H, KV)
+        # grouped-query heads: a key/value head's rep query heads (x k steps) are rows of one matmul
+        s = torch.bmm(q.reshape(Ly * R * Hkv, rep * k, D), keys[:, :R].reshape(Ly * R * Hkv, D, KV))
+        s = s.view(Ly, R, H, k, KV)
         Pm = min(allowed.shape[-1], KV)
         if self._blocked is None or self._blocked[0] is not allowed:  # the sampler passes one tensor all along
-            self._blocked = (allowed, ~allowed[:R, None, :].bool())
+            self._blocked = (allowed, ~allowed[:R, None, None, :].bool())
         s[..., :Pm].masked_fill_(self._blocked[1][..., :Pm], float("-inf"))
+        if k > 1:  # step t0 + j sees the visual columns before its own: columns P + t0 + j on are hidden
+            future = torch.ones((k, k - 1), dtype=torch.bool, device=s.device).triu_()
+            s[..., KV - (k - 1):].masked_fill_(future, float("-inf"))
         P = min(self.prompt_len, KV)
         # a full softmax, then the prompt columns: on CPU 1.6-2x faster than exp(s - logsumexp)
         p = torch.softmax(s, dim=-1, dtype=torch.float32)[..., :P]
-        self.buf[:, self.t, :P].add_(p.sum(dim=(0, 2)), alpha=1.0 / H)
+        self.buf[:, t0:t0 + k, :P].add_(p.sum(dim=(0, 2)), alpha=1.0 / H)
 
     # results
     def object_maps(self) -> list[list[torch.Tensor | None]]:

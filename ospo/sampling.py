@@ -351,6 +351,19 @@ class _DecodeStep:
         return self.lm.norm(h)
 
 
+CAPTURE_CHUNK_MAX = 16
+CAPTURE_CHUNK_BYTES = 64 << 20
+
+
+def capture_chunk(layers: int, rows: int, heads: int, max_len: int) -> int:
+    """Decode steps scored per capture flush: as many as keep the flush's float32 scores
+    ``(layers, rows, heads, k, max_len)`` under :data:`CAPTURE_CHUNK_BYTES`, at most
+    :data:`CAPTURE_CHUNK_MAX`, at least 1 (Janus-Pro-7B's 20 armed layers x 32 heads, a batch
+    of 16 at grid 24 with about 700 keys: 2; the tiny test model: 16)."""
+    per_step = 4 * layers * rows * heads * max_len
+    return max(1, min(CAPTURE_CHUNK_MAX, CAPTURE_CHUNK_BYTES // max(1, per_step)))
+
+
 # --- sampling ----------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -406,6 +419,7 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
     if layers is not None:
         cap = ObjectAttentionCapture(layers, _columns(spans_rows, lens, P), prompt_len=P, steps=T, device=dev,
                                      deferred=True)
+        chunk = capture_chunk(len(cap.layers), B, lm.config.num_attention_heads, P + T)
     cache, store = _new_cache(engine, P + T)
     prompt_allowed = mask[:B].bool()  # the captured rows' prompt columns (left padding masked)
     emb = model.get_input_embeddings()(both)
@@ -421,11 +435,13 @@ def _sample_batch(engine, ids_rows, seeds, guidance_scale, temperature, layers, 
             else:
                 step_mask[:, :, :, P + i - 1] = True  # the visual token fed at this step
                 hidden = decode(emb, step_mask[..., :P + i], i - 1, cache)
-            if cap is not None:  # the captured rows' last query over every armed layer's live keys
-                t0 = time.perf_counter()
-                keys = store.live_keys(cap.layers, B, P + i)
-                cap.seconds += time.perf_counter() - t0
-                cap.flush(keys, prompt_allowed)
+            if cap is not None:  # the captured rows' last query, scored every `chunk` steps
+                cap.stash()
+                if cap.pending == chunk or i == T - 1:
+                    t0 = time.perf_counter()
+                    keys = store.live_keys(cap.layers, B, P + i)
+                    cap.seconds += time.perf_counter() - t0
+                    cap.flush(keys, prompt_allowed)
             logits = head(hidden[:, -1, :]).float()
             cond, unc = logits[:B], logits[B:]
             guided = unc + (cond - unc) * guidance_scale

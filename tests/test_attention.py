@@ -146,6 +146,26 @@ def test_greedy_loop_matches_teacher_forced_cfg_and_generate(engine):
     assert ref[0].tolist() == toks[1]
 
 
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_capture_chunk_size_does_not_change_the_maps(engine, monkeypatch, chunk):
+    """The sampler scores k decode steps per flush, each step masked to the keys it saw:
+    per-step flushes (1) and chunks that do not divide the 64 steps (5, the last one short)
+    give the default's maps to float rounding."""
+    ids = _ids(engine)
+    spec = sampling.CaptureSpec(LAYERS, _spans(ids))
+    assert sampling.capture_chunk(len(LAYERS), 2, 4, 100) == sampling.CAPTURE_CHUNK_MAX
+    assert sampling.capture_chunk(20, 16, 32, 700) == 2  # Janus-Pro-7B, batch 16, grid 24
+    assert sampling.capture_chunk(20, 64, 32, 700) == 1
+    ref = sampling.sample_images(engine, ids, [1, 2], guidance_scale=2.0, batch_size=2, capture=spec)
+    monkeypatch.setattr(sampling, "CAPTURE_CHUNK_MAX", chunk)
+    got = sampling.sample_images(engine, ids, [1, 2], guidance_scale=2.0, batch_size=2, capture=spec)
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+    for a, b in zip(got, ref):
+        for x, y in zip(a.maps, b.maps):
+            if x is not None:
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
 def test_inlined_llama_layers_equal_the_module_calls_and_yield_to_hooks(engine, monkeypatch):
     """The decode step's written-out Llama layer (``_llama_layer_step``) against the stock
     ``layer(...)`` calls: the same tokens and bit-identical maps, in a left-padded batch with
