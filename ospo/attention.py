@@ -210,8 +210,6 @@ class ObjectAttentionCapture:
         self.seconds += time.perf_counter() - t0
 
     def _flush(self, keys: torch.Tensor, allowed: torch.Tensor) -> None:
-        if self._queries:  # a forward's queries not stashed yet: the one-step call
-            self.stash()
         if not self._pending:
             return
         R, k, t0 = self.rows, len(self._pending), self._pending_t0

@@ -218,27 +218,16 @@ def _stock_llama_layers(lm) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    norm = getattr(lm, "norm", None)
-    if type(norm) is not ml.LlamaRMSNorm or hooked(norm):
-        return False
-    stock = ((ml.LlamaDecoderLayer, ("self_attn", ml.LlamaAttention), ("mlp", ml.LlamaMLP),
-              ("input_layernorm", ml.LlamaRMSNorm), ("post_attention_layernorm", ml.LlamaRMSNorm)))
+    expected = [(lm.norm if hasattr(lm, "norm") else None, ml.LlamaRMSNorm)]
     for layer in lm.layers[: lm.config.num_hidden_layers]:
-        if type(layer) is not stock[0] or layer.training:
+        if type(layer) is not ml.LlamaDecoderLayer or layer.training:  # before reading its submodules
             return False
-        mods = [layer] + [getattr(layer, name, None) for name, _ in stock[1:]]
-        mods += [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                 layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-        for (name, cls), mod in zip(stock[1:], mods[1:5]):
-            if type(mod) is not cls:
-                return False
-        for mod in mods:
-            if hooked(mod):
-                return False
-        for lin in mods[5:]:
-            if type(lin) is not torch.nn.Linear:
-                return False
-    return True
+        at, mlp = layer.self_attn, layer.mlp
+        expected += [(layer, ml.LlamaDecoderLayer), (at, ml.LlamaAttention), (mlp, ml.LlamaMLP),
+                     (layer.input_layernorm, ml.LlamaRMSNorm), (layer.post_attention_layernorm, ml.LlamaRMSNorm)]
+        expected += [(lin, torch.nn.Linear) for lin in (at.q_proj, at.k_proj, at.v_proj, at.o_proj,
+                                                       mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    return all(type(mod) is cls and not hooked(mod) for mod, cls in expected)
 
 
 def _rms(eps: float, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -325,6 +314,12 @@ class _DecodeStep:
                 self.sin_h = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
                 self.params = [_layer_params(layer) for layer in self.layers]
                 self.norm = (lm.norm.variance_epsilon, lm.norm.weight)
+                # built inside the sampler's `capturing` context: the implementation is fixed for the batch
+                from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+                from transformers.models.llama.modeling_llama import eager_attention_forward
+
+                self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(lm.config._attn_implementation,
+                                                                       eager_attention_forward)
 
     def __call__(self, emb: torch.Tensor, mask: torch.Tensor, i: int, cache) -> torch.Tensor:
         """Last hidden state ``(rows, 1, H)`` of the visual token fed at step ``i`` (position
@@ -335,14 +330,9 @@ class _DecodeStep:
                            **{_cache_kwarg(self.lm.forward): cache}).last_hidden_state
         h = emb
         if self.inline:
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-            from transformers.models.llama.modeling_llama import eager_attention_forward
-
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.lm.config._attn_implementation,
-                                                              eager_attention_forward)
             cos, sin = self.cos_h[:, :, i:i + 1], self.sin_h[:, :, i:i + 1]
             for p, cl in zip(self.params, cache.layers):
-                h = _llama_layer_step(p, h, mask, cos, sin, pos, cl, attention)
+                h = _llama_layer_step(p, h, mask, cos, sin, pos, cl, self.attention)
             return _rms(*self.norm, h)
         pe = (self.cos[:, i:i + 1], self.sin[:, i:i + 1])
         for layer in self.layers:
