@@ -78,3 +78,17 @@ def test_scaling_inputs_are_distinct_prompts(tmp_path):
         for v in variants.get(r["id"], {}).get("variants", []):  # a variant's texts carry its prompt's suffix
             assert all(v[f].endswith(", copy 1") == r["prompt"].endswith(", copy 1")
                        for f in ("perturbed", "dense", "perturbed_dense") if f in v)
+
+
+def test_pretrain_bench_times_both_layouts_and_checks_the_loss(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_pretrain
+
+    out = tmp_path / "p.json"
+    res = bench_pretrain.main(["--rows", "6", "--per-image", "3", "--text-rows", "5", "--repeats", "1", "--pool", "6",
+                               "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == res
+    assert set(res["seconds_median"]) == {"yes_no_separate", "yes_no_packed", "text_padded", "text_buckets"}
+    assert all(v > 0 for v in res["seconds_median"].values()) and all(v > 0 for v in res["speedup"].values())
+    # packed rows and buckets give the separate rows' loss (a wrong mask or position would not)
+    assert res["loss_rel_diff_max"]["yes_no"] < 1e-4 and res["loss_rel_diff_max"]["text"] < 1e-4

@@ -1,0 +1,117 @@
+"""Cheaper training batches for the ShapesWorld recipe, with the loss of the plain ones.
+
+- :func:`packed_lm_loss`: rows that share an image (yes/no questions about one scene) as one
+  sequence, the image once and each question behind it under a 4D attention mask;
+- :func:`bucketed_lm_loss`: rows of very different lengths (the stage-job text rows, 42-132
+  tokens) in length buckets instead of one batch padded to the longest.
+
+Both give :func:`ospo.shapes.pretrain.lm_loss`'s value (the mean cross-entropy over every
+answer token) and its gradients; ``tests/test_shapes_packing.py`` checks that, and
+``bench/bench_pretrain.py`` measures what they save side by side. Not yet used by the recipe:
+a build that used them (``docs/results/shapes-recipe-packed-build.json``) ran 52 minutes
+against 76, but its yes/no answers came out worse, so it was not shipped; the recipe adopts
+them with its next rebuild.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def packed_lm_loss(model, groups: list[list[tuple[list[int], int]]], pad: int, pixel_values) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens of rows that share their image.
+
+    ``groups[g]`` are (ids, answer start) rows about image ``pixel_values[g]``. Their common
+    prefix (at most up to the first answer start: the chat header and the image) appears once;
+    each row's rest follows it, attending to the prefix and to itself only, at the positions it
+    would hold alone, so every answer token gets the logits it gets as a row of its own.
+    Written here because transformers' packed-sequence support (position ids that restart at
+    each sequence) cannot share a prefix between sequences."""
+    seqs, segs, poss, labs = [], [], [], []
+    for rows in groups:
+        first = rows[0][0]
+        P = min(s for _, s in rows)
+        for x, _ in rows[1:]:
+            P = next((j for j in range(min(P, len(x))) if x[j] != first[j]), min(P, len(x)))
+        seq, seg, pos, lab = list(first[:P]), [0] * P, list(range(P)), [-100] * P
+        for k, (x, s) in enumerate(rows, 1):
+            seq += x[P:]
+            seg += [k] * (len(x) - P)
+            pos += list(range(P, len(x)))
+            lab += [-100 if j < s else x[j] for j in range(P, len(x))]
+        seqs.append(seq)
+        segs.append(seg)
+        poss.append(pos)
+        labs.append(lab)
+    T, B = max(map(len, seqs)), len(seqs)
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    lab = torch.full((B, T), -100, dtype=torch.long)
+    for i in range(B):
+        o = T - len(seqs[i])
+        ids[i, o:], seg[i, o:] = torch.tensor(seqs[i]), torch.tensor(segs[i])
+        pos[i, o:], lab[i, o:] = torch.tensor(poss[i]), torch.tensor(labs[i])
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() & (seg[:, None, :] >= 0)
+    allowed &= (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    allowed |= torch.eye(T, dtype=torch.bool)   # a pad attends to itself: no query without keys
+    out = model(input_ids=ids, attention_mask=allowed[:, None], position_ids=pos, pixel_values=pixel_values,
+                use_cache=False)
+    logits = out.logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def bucketed_lm_loss(model, rows: list[list[int]], starts: list[int], pad: int, pixel_values=None,
+                     buckets: int = 2) -> torch.Tensor:
+    """Mean cross-entropy of each row's answer tokens (from ``starts``), the rows sorted by
+    length and run as ``buckets`` left-padded batches, each padded to its own longest row;
+    summed over all answer tokens, then divided by their number, so only the padding changes."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    buckets = max(1, buckets)
+    parts = [order[k * len(order) // buckets:(k + 1) * len(order) // buckets] for k in range(buckets)]
+    total, count = torch.zeros(()), 0
+    for part in (p for p in parts if p):
+        T = max(len(rows[i]) for i in part)
+        ids = torch.full((len(part), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(part), T), dtype=torch.long)
+        labels = torch.full((len(part), T), -100, dtype=torch.long)
+        for j, i in enumerate(part):
+            r, s = rows[i], starts[i]
+            off = T - len(r)
+            ids[j, off:] = torch.tensor(r)
+            mask[j, off:] = 1
+            labels[j, off + s:] = torch.tensor(r[s:])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pv = None if pixel_values is None else pixel_values[part]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pv, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        lab = labels[:, 1:].reshape(-1)
+        total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab, ignore_index=-100, reduction="sum")
+        count += int((lab != -100).sum())
+    return total / max(1, count)
+
+
+def group_questions(engine, batcher, n_images: int, per_image: int, rng) -> tuple[list, list[int]]:
+    """``n_images`` groups of ``per_image`` distinct yes/no rows (coin-flip truth, questions
+    of :func:`ospo.shapes.pretrain.yes_no_question`) about images of a recipe ``Batcher``'s
+    understanding pool; returns the groups and the pool indices of their images."""
+    from ospo.shapes.pretrain import yes_no_question
+    from ospo.understanding import query_ids
+
+    groups, pick = [], []
+    for _ in range(n_images):
+        i = rng.randrange(len(batcher.und_layouts))
+        rows, seen = [], set()
+        for _ in range(8 * per_image):
+            q, truth, _ = yes_no_question(rng, batcher.und_layouts[i].scene, batcher.und_dets[i], rng.random() < 0.5)
+            if q in seen:
+                continue
+            seen.add(q)
+            head = query_ids(engine, q)
+            rows.append((head + (batcher.yes if truth else batcher.no) + [engine.ids.eos], len(head)))
+            if len(rows) == per_image:
+                break
+        groups.append(rows)
+        pick.append(i)
+    return groups, pick

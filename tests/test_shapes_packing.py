@@ -1,0 +1,74 @@
+"""Packed and bucketed batches (ospo.shapes.packing) give the loss and gradients of the
+plain rows of ospo.shapes.pretrain.lm_loss: only the cost may change."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ospo.shapes import packing
+from ospo.shapes import pretrain as pt
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny recipe's engine and data pool (random weights: the loss values do not matter)."""
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    from ospo.engine import Engine
+    from ospo.tiny import make_processor
+
+    r = pt.Recipe(hidden=32, layers=2, heads=2, kv_heads=1, vq_steps=1, gen_pool=4, und_pool=6, text_rows=5)
+    tok = pt.build_world_tokenizer(r)
+    torch.manual_seed(0)
+    cfg = pt.model_config(r, tok)
+    model = JanusForConditionalGeneration(cfg).eval()
+    eng = Engine(model, make_processor(tok, cfg), path=str(tmp_path_factory.mktemp("e")), device=torch.device("cpu"),
+                 dtype=torch.float32)
+    return eng, pt.Batcher(eng, model.model.vqmodel, r, progress=False)
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(tiny):
+    """Questions about one image packed behind one copy of it score every answer token as
+    the row alone would (a mask or position slip changes the logits and fails this)."""
+    import torch
+
+    from ospo.shapes import vq as vqm
+
+    eng, b = tiny
+    groups, pick = packing.group_questions(eng, b, 3, 3, random.Random(0))
+    assert [len(g) for g in groups] == [3, 3, 3]
+    assert all(len({tuple(x) for x, _ in g}) == 3 for g in groups)   # distinct questions per image
+    rows = [x for g in groups for x, _ in g]
+    starts = [s for g in groups for _, s in g]
+    pv = vqm.to_pixels(b.und_recon[pick])
+    pv_rows = vqm.to_pixels(b.und_recon[[i for i, g in zip(pick, groups) for _ in g]])
+    m = eng.model
+    params = [p for p in m.parameters() if p.requires_grad]
+    sep = pt.lm_loss(m, rows, starts, eng.ids.pad, pv_rows)
+    g_sep = torch.autograd.grad(sep, params, allow_unused=True)
+    packed = packing.packed_lm_loss(m, groups, eng.ids.pad, pv)
+    g_pack = torch.autograd.grad(packed, params, allow_unused=True)
+    assert packed.item() == pytest.approx(sep.item(), rel=1e-5)
+    assert sum(a is not None for a in g_sep) > 10
+    for a, c in zip(g_sep, g_pack):
+        assert (a is None) == (c is None)
+        if a is not None:
+            assert torch.allclose(a, c, atol=1e-6, rtol=1e-4)
+    # without the mask a question would see the one before it: the loss changes
+    (x1, s1), (x2, s2) = groups[0][:2]
+    joined = [[(x1 + x2[s1 - 10:], s1)]]
+    assert packing.packed_lm_loss(m, joined, eng.ids.pad, pv[:1]).item() != pytest.approx(
+        packing.packed_lm_loss(m, [groups[0][:1]], eng.ids.pad, pv[:1]).item(), rel=1e-6)
+
+
+def test_length_buckets_keep_the_loss(tiny):
+    eng, b = tiny
+    rows, starts = b.text()
+    assert len({len(x) for x in rows}) > 1
+    one = pt.lm_loss(eng.model, rows, starts, eng.ids.pad).item()
+    for k in (1, 2, 3, len(rows) + 2):
+        assert packing.bucketed_lm_loss(eng.model, rows, starts, eng.ids.pad, buckets=k).item() == pytest.approx(
+            one, rel=1e-5)
