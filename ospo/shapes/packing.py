@@ -9,8 +9,9 @@ Both give :func:`ospo.shapes.pretrain.lm_loss`'s value (the mean cross-entropy o
 answer token) and its gradients; ``tests/test_shapes_packing.py`` checks that, and
 ``bench/bench_pretrain.py`` measures what they save side by side. Not yet used by the recipe:
 a build that used them (``docs/results/shapes-recipe-packed-build.json``) ran 52 minutes
-against 76, but its yes/no answers came out worse, so it was not shipped; the recipe adopts
-them with its next rebuild.
+against 76, but its yes/no answers came out worse, so it was not shipped. It had packed the
+same 48 questions onto 12 images; measured afterwards, a step teaches yes/no by its number
+of distinct images, so packing must add questions to a step's images, not replace them.
 """
 
 from __future__ import annotations
