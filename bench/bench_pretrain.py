@@ -83,7 +83,7 @@ def run(a) -> dict:
         inputs = {"yes_no": yes_no_inputs(), "text": b.text()}
         losses = {}
         for k, f in variants.items():
-            x = inputs[k.split("_")[0] if k.startswith("text") else "yes_no"]
+            x = inputs["text" if k.startswith("text") else "yes_no"]
             t0 = time.perf_counter()
             loss = f(x)
             loss.backward()

@@ -65,32 +65,18 @@ def packed_lm_loss(model, groups: list[list[tuple[list[int], int]]], pad: int, p
 
 def bucketed_lm_loss(model, rows: list[list[int]], starts: list[int], pad: int, pixel_values=None,
                      buckets: int = 2) -> torch.Tensor:
-    """Mean cross-entropy of each row's answer tokens (from ``starts``), the rows sorted by
-    length and run as ``buckets`` left-padded batches, each padded to its own longest row;
-    summed over all answer tokens, then divided by their number, so only the padding changes."""
+    """:func:`ospo.shapes.pretrain.lm_loss` of the rows sorted by length and run as ``buckets``
+    batches, each padded to its own longest row: each bucket's mean weighted by its number of
+    answer tokens, so the result is still the mean over every answer token of all rows."""
+    from ospo.shapes.pretrain import lm_loss
+
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     buckets = max(1, buckets)
-    parts = [order[k * len(order) // buckets:(k + 1) * len(order) // buckets] for k in range(buckets)]
-    total, count = torch.zeros(()), 0
-    for part in (p for p in parts if p):
-        T = max(len(rows[i]) for i in part)
-        ids = torch.full((len(part), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(part), T), dtype=torch.long)
-        labels = torch.full((len(part), T), -100, dtype=torch.long)
-        for j, i in enumerate(part):
-            r, s = rows[i], starts[i]
-            off = T - len(r)
-            ids[j, off:] = torch.tensor(r)
-            mask[j, off:] = 1
-            labels[j, off + s:] = torch.tensor(r[s:])
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        pv = None if pixel_values is None else pixel_values[part]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pv, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        lab = labels[:, 1:].reshape(-1)
-        total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab, ignore_index=-100, reduction="sum")
-        count += int((lab != -100).sum())
-    return total / max(1, count)
+    parts = [p for p in (order[k * len(order) // buckets:(k + 1) * len(order) // buckets] for k in range(buckets)) if p]
+    n = [sum(len(rows[i]) - starts[i] for i in p) for p in parts]
+    total = sum(lm_loss(model, [rows[i] for i in p], [starts[i] for i in p], pad,
+                        None if pixel_values is None else pixel_values[p]) * k for p, k in zip(parts, n))
+    return total / max(1, sum(n))
 
 
 def group_questions(engine, batcher, n_images: int, per_image: int, rng) -> tuple[list, list[int]]:
