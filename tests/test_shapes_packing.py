@@ -76,3 +76,35 @@ def test_length_buckets_keep_the_loss(tiny):
     for k in (1, 2, 3, len(rows) + 2):
         assert packing.bucketed_lm_loss(eng.model, rows, starts, eng.ids.pad, buckets=k).item() == pytest.approx(
             one, rel=1e-5)
+
+
+def test_packed_text_rows_give_the_loss_and_gradients_of_padded_rows(tiny):
+    """Stage-job rows packed by template (shared instruction once, each row behind it) and
+    into sequences of at most max_len tokens score like the padded batch the recipe used."""
+    import torch
+
+    eng, b = tiny
+    rows, starts = [], []
+    for _ in range(3):
+        r, s = b.text()
+        rows += r
+        starts += s
+    longest = max(map(len, rows))
+    m = eng.model
+    params = [p for p in m.parameters() if p.requires_grad]
+    plain = pt.lm_loss(m, rows, starts, eng.ids.pad)
+    g_plain = torch.autograd.grad(plain, params, allow_unused=True)
+    groups = packing.pack_rows(rows, starts, max_len=3 * longest)
+    assert sorted(x for g in groups for x, _ in g) == sorted(rows)          # every row once
+    lens = [packing.shared_prefix(g) + sum(len(x) - packing.shared_prefix(g) for x, _ in g) for g in groups]
+    assert max(lens) <= 3 * longest and len(groups) < len(rows)
+    assert sum(lens) < sum(map(len, rows))                                   # a shared prefix was written once
+    packed = packing.packed_lm_loss(m, groups, eng.ids.pad, None)
+    g_pack = torch.autograd.grad(packed, params, allow_unused=True)
+    assert packed.item() == pytest.approx(plain.item(), rel=1e-5)
+    for a, c in zip(g_plain, g_pack):
+        assert (a is None) == (c is None)
+        if a is not None:
+            assert torch.allclose(a, c, atol=1e-6, rtol=1e-4)
+    # a limit below every row leaves each row alone, which is the plain batch again
+    assert all(len(g) == 1 for g in packing.pack_rows(rows, starts, max_len=1))
