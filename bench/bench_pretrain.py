@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--per-image", type=int, default=4)
     p.add_argument("--text-rows", type=int, default=24)
     p.add_argument("--buckets", type=int, default=2)
-    p.add_argument("--pack-len", type=int, default=384, help="longest packed text sequence (ospo.shapes.packing.pack_rows)")
+    p.add_argument("--pack-len", type=int, default=256, help="longest packed text sequence (ospo.shapes.packing.pack_rows)")
     p.add_argument("--pool", type=int, default=200, help="pooled images to draw rows from")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the result dict here")

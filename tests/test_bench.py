@@ -88,7 +88,7 @@ def test_pretrain_bench_times_both_layouts_and_checks_the_loss(tmp_path):
     res = bench_pretrain.main(["--rows", "6", "--per-image", "3", "--text-rows", "5", "--repeats", "1", "--pool", "6",
                                "--threads", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == res
-    assert set(res["seconds_median"]) == {"yes_no_separate", "yes_no_packed", "text_padded", "text_buckets"}
+    assert set(res["seconds_median"]) == {"yes_no_separate", "yes_no_packed", "text_padded", "text_buckets", "text_packed"}
     assert all(v > 0 for v in res["seconds_median"].values()) and all(v > 0 for v in res["speedup"].values())
-    # packed rows and buckets give the separate rows' loss (a wrong mask or position would not)
+    # packed rows, buckets and packed text sequences give the separate rows' loss (a wrong mask or position would not)
     assert res["loss_rel_diff_max"]["yes_no"] < 1e-4 and res["loss_rel_diff_max"]["text"] < 1e-4
