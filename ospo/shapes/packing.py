@@ -3,14 +3,17 @@
 - :func:`packed_lm_loss`: rows that share an image (yes/no questions about one scene) as one
   sequence, the image once and each question behind it under a 4D attention mask;
 - :func:`bucketed_lm_loss`: rows of very different lengths (the stage-job text rows, 42-132
-  tokens) in length buckets instead of one batch padded to the longest.
+  tokens) in length buckets instead of one batch padded to the longest;
+- :func:`pack_rows` (+ :func:`packed_lm_loss`): text rows that share a template's prefix
+  packed into sequences of at most ``max_len`` tokens, the prefix once in each.
 
-Both give :func:`ospo.shapes.pretrain.lm_loss`'s value (the mean cross-entropy over every
+All give :func:`ospo.shapes.pretrain.lm_loss`'s value (the mean cross-entropy over every
 answer token) and its gradients; ``tests/test_shapes_packing.py`` checks that, and
-``bench/bench_pretrain.py`` measures what they save side by side. Not yet used by the recipe:
-a build that used them (``docs/results/shapes-recipe-packed-build.json``) ran 52 minutes
-against 76, but its yes/no answers came out worse, so it was not shipped. It had packed the
-same 48 questions onto 12 images; measured afterwards, a step teaches yes/no by its number
+``bench/bench_pretrain.py`` measures what they save side by side. Not used by the shipped recipe:
+two builds that used them ran 52 and 54 minutes against 76, but their yes/no answers came
+out worse (``docs/results/shapes-recipe-packed-build.json``, ``shapes-recipe-v3-build.json``:
+that one packed only text rows and dropped phase 1's yes/no rows), so neither was shipped. The first had packed
+the same 48 questions onto 12 images; measured afterwards, a step teaches yes/no by its number
 of distinct images, so packing must add questions to a step's images, not replace them.
 """
 
