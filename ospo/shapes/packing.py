@@ -9,12 +9,13 @@
 
 All give :func:`ospo.shapes.pretrain.lm_loss`'s value (the mean cross-entropy over every
 answer token) and its gradients; ``tests/test_shapes_packing.py`` checks that, and
-``bench/bench_pretrain.py`` measures what they save side by side. Not used by the shipped recipe:
-two builds that used them ran 52 and 54 minutes against 76, but their yes/no answers came
-out worse (``docs/results/shapes-recipe-packed-build.json``, ``shapes-recipe-v3-build.json``:
-that one packed only text rows and dropped phase 1's yes/no rows), so neither was shipped. The first had packed
-the same 48 questions onto 12 images; measured afterwards, a step teaches yes/no by its number
-of distinct images, so packing must add questions to a step's images, not replace them.
+``bench/bench_pretrain.py`` measures what they save side by side. Not used by the shipped
+recipe: two builds that used them ran 52 and 54 minutes against 76, but their yes/no answers
+came out worse (``docs/results/shapes-recipe-packed-build.json``; ``shapes-recipe-v3-build.json``,
+which packed only text rows and dropped phase 1's yes/no rows), so neither was shipped. The
+first had packed the same 48 questions onto 12 images; measured afterwards, a step teaches
+yes/no by its number of distinct images, so packing must add questions to a step's images,
+not replace them.
 """
 
 from __future__ import annotations
