@@ -9,11 +9,10 @@
 
 All give :func:`ospo.shapes.pretrain.lm_loss`'s value (the mean cross-entropy over every
 answer token) and its gradients; ``tests/test_shapes_packing.py`` checks that, and
-``bench/bench_pretrain.py`` measures what they save side by side. Not used by the shipped
-recipe: two builds that used them ran 52 and 54 minutes against 76, but their yes/no answers
-came out worse (``docs/results/shapes-recipe-packed-build.json``; ``shapes-recipe-v3-build.json``,
-which packed only text rows and dropped phase 1's yes/no rows), so neither was shipped. The
-first had packed the same 48 questions onto 12 images; measured afterwards, a step teaches
+``bench/bench_pretrain.py`` measures what they save side by side. The recipe packs its
+text rows (``Recipe.text_pack_len``). It does not pack yes/no questions: a build that packed
+the same 48 questions onto 12 images learned yes/no worse
+(``docs/results/shapes-recipe-packed-build.json``), and measured afterwards, a step teaches
 yes/no by its number of distinct images, so packing must add questions to a step's images,
 not replace them.
 """

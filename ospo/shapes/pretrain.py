@@ -27,11 +27,16 @@ encoder, Llama language model, generation head) that does every job the stages g
      (the shapesworld notes saw joint yes/no training stay at chance without help);
    - *text*: the stage jobs of :mod:`ospo.shapes.tasks` (write prompts, name objects,
      perturb, densify, decompose), asked with the templates of :mod:`ospo.templates` and
-     answered in the labelled lines that :mod:`ospo.parsing` reads;
+     answered in the labelled lines that :mod:`ospo.parsing` reads, packed into sequences
+     of at most ``text_pack_len`` tokens (:func:`ospo.shapes.packing.pack_rows`);
 4. **yes/no curriculum** (:func:`train_yes_no`), a second phase with a fresh optimizer:
-   joint training leaves yes/no answering at chance, so presence questions are grown one
-   shape at a time (circle; circle, square; all three), then the full question mix, with
-   generation rows mixed in (``Recipe.yn_*``, the measurements behind it there);
+   joint training leaves yes/no answering at chance, so presence questions (the VQ
+   reconstruction of a scene + a question in the stage-4 query,
+   :func:`ospo.understanding.query_ids` -> the evaluator's truth, " yes" / " no" balanced
+   within each question kind) are grown one shape at a time (circle; circle, square; all
+   three), then the full question mix, with generation and text rows mixed in, the rate
+   decaying to 0 over the last ``yn_decay_steps`` (``Recipe.yn_*``, the measurements
+   behind it there);
 5. **evaluation** on held-out scenes: yes/no accuracy, and the parse rate of each stage
    job through the real parsers; the final step is the base model (fixed by the recipe,
    never picked by looking at OSPO results);
@@ -114,7 +119,17 @@ class Recipe:
     gen_every: int = 1
     und_every: int = 2
     text_every: int = 1
+    # Text rows are packed (ospo.shapes.packing.pack_rows): rows of one template share its
+    # instruction and worked example, written once, and sequences of at most text_pack_len
+    # tokens replace one batch padded to the longest row. Same loss and gradients as the
+    # padded batch (tests/test_shapes_packing.py); forward + backward of 24 rows measured
+    # 0.39 s padded (3,572 tokens) vs 0.23 s packed to 256 (1,838 tokens); 0 = padded rows.
+    text_pack_len: int = 256
     uncond_frac: float = 0.1
+    # Phase 1's yes/no rows stay near chance through its 2,500 steps (loss 0.347-0.355, chance
+    # is ln 2 / 2 = 0.347 per answer token), yet a build without them (yes_no_rows=0, record
+    # docs/results/shapes-recipe-v3-build.json) learned yes/no slower in phase 2 (0.635 vs
+    # 0.715 held out at its step 1,200) and ended lower (0.695 vs 0.795): they stay.
     yes_no_rows: int = 40
     caption_rows: int = 8
     text_rows: int = 24
@@ -151,6 +166,13 @@ class Recipe:
     yn_rows: int = 48
     yn_lr: float = 3e-4
     yn_shape_frac: float = 0.25
+    # The last yn_decay_steps full-mix steps decay the learning rate linearly to 0. At the
+    # constant rate, held-out yes/no wanders between checkpoints 100 steps apart (measured
+    # from the 2026-12-02 model, 400 more full-mix steps: recipe evaluation 0.795 -> 0.78 /
+    # 0.80 / 0.81 / 0.755, the evaluation command's questions (seed 1) 0.68 -> 0.70 / 0.705 /
+    # 0.68 / 0.67); 300 steps decaying from 3e-4 to 0 rose steadily instead (0.795 / 0.81 /
+    # 0.82; 0.695 / 0.71 / 0.72).
+    yn_decay_steps: int = 300
     yn_gen_every: int = 2
     yn_text_every: int = 1
     eval_every: int = 200
@@ -163,9 +185,10 @@ def recipe_hash(recipe: Recipe) -> str:
     training: a checkpoint carries the hash of the recipe that made it."""
     from ospo import engine, templates, tiny, understanding
     from ospo.shapes import evaluate as ev
+    from ospo.shapes import packing
 
     h = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
-    for mod in (sys.modules[__name__], tasks, vqm, w, gr, templates, tiny, understanding, engine):
+    for mod in (sys.modules[__name__], packing, tasks, vqm, w, gr, templates, tiny, understanding, engine):
         h.update(Path(mod.__file__).read_bytes())
     # the evaluator labels the yes/no data: its detection part (not its reporting) counts
     h.update(Path(ev.__file__).read_text(encoding="utf-8").split("# --- aggregation")[0].encode())
@@ -573,6 +596,24 @@ def _generation_loss(model, engine, batcher: "Batcher", recipe: Recipe) -> torch
     return -(lp * wt).sum() / wt.sum()
 
 
+def yn_lr_at(step: int, total: int, r: Recipe) -> float:
+    """Phase 2's rate: ``yn_lr``, decaying linearly to 0 over the last ``yn_decay_steps``."""
+    left = total - step
+    return r.yn_lr * min(1.0, left / r.yn_decay_steps) if r.yn_decay_steps else r.yn_lr
+
+
+def _text_loss(model, engine, batcher: "Batcher", recipe: Recipe) -> torch.Tensor:
+    """Mean NLL of a batch of stage-job text rows, packed when ``text_pack_len`` (same value)."""
+    from ospo.shapes.packing import pack_rows, packed_lm_loss
+
+    rows, starts = batcher.text()
+    if not rows:
+        return torch.zeros(())
+    if recipe.text_pack_len:
+        return packed_lm_loss(model, pack_rows(rows, starts, recipe.text_pack_len), engine.ids.pad, None)
+    return lm_loss(model, rows, starts, engine.ids.pad)
+
+
 def _optimizer(model, recipe: Recipe, lr: float):
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -614,8 +655,7 @@ def train_lm(engine, vq, recipe: Recipe, *, progress: bool = True, batcher: "Bat
             loss = loss + recipe.w_yes_no * yn + recipe.w_caption * cap
             rec.update(yes_no=round(yn.item(), 4), caption=round(cap.item(), 4))
         if step % max(1, recipe.text_every) == 0:
-            t_rows, t_starts = batcher.text()
-            txt = lm_loss(model, t_rows, t_starts, engine.ids.pad) if t_rows else torch.zeros(())
+            txt = _text_loss(model, engine, batcher, recipe)
             loss = loss + recipe.w_text * txt
             rec["text"] = round(txt.item(), 4)
         if not torch.isfinite(loss):
@@ -637,9 +677,10 @@ def train_lm(engine, vq, recipe: Recipe, *, progress: bool = True, batcher: "Bat
 
 
 def train_yes_no(engine, vq, recipe: Recipe, batcher: "Batcher", *, progress: bool = True) -> dict:
-    """Phase 2, the yes/no curriculum (see ``Recipe.yn_stage_steps``): a fresh AdamW at the
-    constant ``yn_lr``; presence questions grown one shape at a time, then the full mix;
-    generation (and optionally text) rows mixed in so the other jobs are kept."""
+    """Phase 2, the yes/no curriculum (see ``Recipe.yn_stage_steps``): a fresh AdamW at
+    ``yn_lr``, decaying to 0 over the last ``yn_decay_steps``; presence questions grown one
+    shape at a time, then the full mix; generation (and optionally text) rows mixed in so
+    the other jobs are kept."""
     from tqdm import tqdm
 
     model = engine.model
@@ -652,18 +693,20 @@ def train_yes_no(engine, vq, recipe: Recipe, batcher: "Batcher", *, progress: bo
     for step in bar:
         model.train()
         model.model.vqmodel.eval()
+        for g in opt.param_groups:
+            g["lr"] = yn_lr_at(step, total, recipe)
         shapes = curriculum_shapes(step, recipe)
         rows, starts, recon = batcher.curriculum_yes_no(shapes)
         yn = lm_loss(model, rows, starts, engine.ids.pad, vqm.to_pixels(recon))
         loss = recipe.w_yes_no * yn
-        rec = {"step": step + 1, "shapes": len(shapes) if shapes else "all", "yes_no": round(yn.item(), 4)}
+        rec = {"step": step + 1, "shapes": len(shapes) if shapes else "all", "yes_no": round(yn.item(), 4),
+               "lr": opt.param_groups[0]["lr"]}
         if recipe.yn_gen_every and step % recipe.yn_gen_every == 0:
             gen = _generation_loss(model, engine, batcher, recipe)
             loss = loss + recipe.w_gen * gen
             rec["gen"] = round(gen.item(), 4)
         if recipe.yn_text_every and step % recipe.yn_text_every == 0:
-            t_rows, t_starts = batcher.text()
-            txt = lm_loss(model, t_rows, t_starts, engine.ids.pad)
+            txt = _text_loss(model, engine, batcher, recipe)
             loss = loss + recipe.w_text * txt
             rec["text"] = round(txt.item(), 4)
         if not torch.isfinite(loss):
