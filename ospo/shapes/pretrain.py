@@ -161,11 +161,8 @@ class Recipe:
     # yn_gen_every-th step, text rows every yn_text_every-th (0: never): without text rows
     # the same run unlearned the stage jobs (objects named exactly 97.5% -> 35%,
     # densifications accepted 70% -> 0%), so they join every step as in the joint phase.
-    # (2026-12-06: 1,500. The 2026-12-04 build still gained from more full-mix steps: 200 more
-    # from its final model took the recipe evaluation 0.7475 -> 0.79, record yes_no_tail_probe
-    # in docs/results/shapes-recipe-v4-build.json.)
     yn_stage_steps: int = 150
-    yn_full_steps: int = 1500
+    yn_full_steps: int = 1200
     yn_rows: int = 48
     yn_lr: float = 3e-4
     yn_shape_frac: float = 0.25
@@ -178,13 +175,6 @@ class Recipe:
     yn_decay_steps: int = 300
     yn_gen_every: int = 2
     yn_text_every: int = 1
-    # Training forward passes under torch's CPU autocast to bfloat16 (weights, gradients and
-    # AdamW state stay float32; losses are taken in float32). Measured 2026-12-06 on this
-    # machine (AVX512-BF16), from the shipped model: 200 full-mix yes/no steps in 151.8 s
-    # against 165.6 s in float32 (8% less), held-out yes/no 0.815 against 0.7775 after them;
-    # one forward + backward of a phase-1 step's rows: generation 0.223 vs 0.256 s,
-    # understanding 0.559 vs 0.626 s, text 0.205 vs 0.221 s.
-    bf16: bool = True
     eval_every: int = 200
     eval_yes_no: int = 400
     eval_text: int = 40
@@ -624,14 +614,6 @@ def _text_loss(model, engine, batcher: "Batcher", recipe: Recipe) -> torch.Tenso
     return lm_loss(model, rows, starts, engine.ids.pad)
 
 
-def _autocast(recipe: Recipe):
-    """The training forward passes' precision: bfloat16 matmuls with float32 weights, gradients
-    and optimizer state when ``recipe.bf16`` (torch's CPU autocast), else float32."""
-    from contextlib import nullcontext
-
-    return torch.autocast("cpu", dtype=torch.bfloat16) if recipe.bf16 else nullcontext()
-
-
 def _optimizer(model, recipe: Recipe, lr: float):
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -657,26 +639,25 @@ def train_lm(engine, vq, recipe: Recipe, *, progress: bool = True, batcher: "Bat
         model.model.vqmodel.eval()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, recipe)
-        with _autocast(recipe):
-            loss = torch.zeros(())
-            rec = {"step": step + 1}
-            if step % max(1, recipe.gen_every) == 0:
-                gen = _generation_loss(model, engine, batcher, recipe)
-                loss = loss + recipe.w_gen * gen
-                rec["gen"] = round(gen.item(), 4)
-            if step % max(1, recipe.und_every) == 0:
-                u_rows, u_starts, recon, kinds = batcher.understanding()
-                n_yn = kinds.count("yes_no")
-                pv = vqm.to_pixels(recon)
-                yn = lm_loss(model, u_rows[:n_yn], u_starts[:n_yn], engine.ids.pad, pv[:n_yn]) if n_yn else torch.zeros(())
-                cap = (lm_loss(model, u_rows[n_yn:], u_starts[n_yn:], engine.ids.pad, pv[n_yn:])
-                       if len(u_rows) > n_yn else torch.zeros(()))
-                loss = loss + recipe.w_yes_no * yn + recipe.w_caption * cap
-                rec.update(yes_no=round(yn.item(), 4), caption=round(cap.item(), 4))
-            if step % max(1, recipe.text_every) == 0:
-                txt = _text_loss(model, engine, batcher, recipe)
-                loss = loss + recipe.w_text * txt
-                rec["text"] = round(txt.item(), 4)
+        loss = torch.zeros(())
+        rec = {"step": step + 1}
+        if step % max(1, recipe.gen_every) == 0:
+            gen = _generation_loss(model, engine, batcher, recipe)
+            loss = loss + recipe.w_gen * gen
+            rec["gen"] = round(gen.item(), 4)
+        if step % max(1, recipe.und_every) == 0:
+            u_rows, u_starts, recon, kinds = batcher.understanding()
+            n_yn = kinds.count("yes_no")
+            pv = vqm.to_pixels(recon)
+            yn = lm_loss(model, u_rows[:n_yn], u_starts[:n_yn], engine.ids.pad, pv[:n_yn]) if n_yn else torch.zeros(())
+            cap = (lm_loss(model, u_rows[n_yn:], u_starts[n_yn:], engine.ids.pad, pv[n_yn:])
+                   if len(u_rows) > n_yn else torch.zeros(()))
+            loss = loss + recipe.w_yes_no * yn + recipe.w_caption * cap
+            rec.update(yes_no=round(yn.item(), 4), caption=round(cap.item(), 4))
+        if step % max(1, recipe.text_every) == 0:
+            txt = _text_loss(model, engine, batcher, recipe)
+            loss = loss + recipe.w_text * txt
+            rec["text"] = round(txt.item(), 4)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -715,20 +696,19 @@ def train_yes_no(engine, vq, recipe: Recipe, batcher: "Batcher", *, progress: bo
         for g in opt.param_groups:
             g["lr"] = yn_lr_at(step, total, recipe)
         shapes = curriculum_shapes(step, recipe)
-        with _autocast(recipe):
-            rows, starts, recon = batcher.curriculum_yes_no(shapes)
-            yn = lm_loss(model, rows, starts, engine.ids.pad, vqm.to_pixels(recon))
-            loss = recipe.w_yes_no * yn
-            rec = {"step": step + 1, "shapes": len(shapes) if shapes else "all", "yes_no": round(yn.item(), 4),
-                   "lr": opt.param_groups[0]["lr"]}
-            if recipe.yn_gen_every and step % recipe.yn_gen_every == 0:
-                gen = _generation_loss(model, engine, batcher, recipe)
-                loss = loss + recipe.w_gen * gen
-                rec["gen"] = round(gen.item(), 4)
-            if recipe.yn_text_every and step % recipe.yn_text_every == 0:
-                txt = _text_loss(model, engine, batcher, recipe)
-                loss = loss + recipe.w_text * txt
-                rec["text"] = round(txt.item(), 4)
+        rows, starts, recon = batcher.curriculum_yes_no(shapes)
+        yn = lm_loss(model, rows, starts, engine.ids.pad, vqm.to_pixels(recon))
+        loss = recipe.w_yes_no * yn
+        rec = {"step": step + 1, "shapes": len(shapes) if shapes else "all", "yes_no": round(yn.item(), 4),
+               "lr": opt.param_groups[0]["lr"]}
+        if recipe.yn_gen_every and step % recipe.yn_gen_every == 0:
+            gen = _generation_loss(model, engine, batcher, recipe)
+            loss = loss + recipe.w_gen * gen
+            rec["gen"] = round(gen.item(), 4)
+        if recipe.yn_text_every and step % recipe.yn_text_every == 0:
+            txt = _text_loss(model, engine, batcher, recipe)
+            loss = loss + recipe.w_text * txt
+            rec["text"] = round(txt.item(), 4)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at yes/no curriculum step {step}")
         opt.zero_grad(set_to_none=True)
