@@ -6,28 +6,27 @@ vision encoder and aligner re-initialised learns captions + the yes/no curriculu
 questions grown one shape per STEPS/6 steps, then the full mix), float32 vs bf16 arms, same seed
 and data stream; held-out accuracy on 200 recipe-evaluation questions every STEPS/6 steps.
 
-    python docs/results/shapes-bf16-ab.py 480 fp32,bf16      (writes /tmp/exp/bf16-ab.json)
+    python docs/results/shapes-bf16-ab.py 480 fp32,bf16 OUT.json
 """
 
-import contextlib, dataclasses, json, random, sys, time
+import contextlib, dataclasses, json, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 torch.set_num_threads(2)
 from transformers import JanusForConditionalGeneration
 from ospo.engine import Engine
-from ospo.tiny import tiny_config, make_processor
-from ospo.shapes import pretrain as pt, vq as vqm, world as w
-STEPS = int(sys.argv[1]); ARMS = sys.argv[2].split(",")
+from ospo.tiny import make_processor
+from ospo.shapes import pretrain as pt, vq as vqm
+STEPS, ARMS, OUT = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
 base = Engine.load(path="shapes:")
 tok = base.tokenizer
 r = dataclasses.replace(pt.Recipe(), gen_pool=4, und_pool=2000, yes_no_rows=0, caption_rows=16, yn_stage_steps=STEPS // 6)
 out = {}
 sd = base.model.state_dict()
-for vg in ARMS:
+for arm in ARMS:
     torch.manual_seed(0)
-    cfg = tiny_config(tok, hidden=r.hidden, layers=r.layers, heads=r.heads, kv_heads=r.kv_heads, grid=w.GRID,
-                      codebook=r.codebook, vq_channels=r.vq_channels, vq_levels=r.vq_levels, vision_layers=r.vision_layers, )
+    cfg = pt.model_config(r, tok)
     m = JanusForConditionalGeneration(cfg)
     keep = {k: v for k, v in sd.items() if not (k.startswith("model.vision_model") or k.startswith("model.aligner"))}
     missing, unexpected = m.load_state_dict(keep, strict=False)
@@ -40,18 +39,16 @@ for vg in ARMS:
     for step in range(STEPS):
         m.train(); m.model.vqmodel.eval()
         for g in opt.param_groups: g["lr"] = 1e-3 * min(1, (step + 1) / 50)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if vg == "bf16" else contextlib.nullcontext()
-        ctx.__enter__()
-        u_rows, u_starts, recon, kinds = b.understanding()
-        cap = pt.lm_loss(m, u_rows, u_starts, eng.ids.pad, vqm.to_pixels(recon))
-        rows, starts, rc = b.curriculum_yes_no(pt.curriculum_shapes(step, r))
-        yn = pt.lm_loss(m, rows, starts, eng.ids.pad, vqm.to_pixels(rc))
-        loss = yn + 0.5 * cap
-        ctx.__exit__(None, None, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if arm == "bf16" else contextlib.nullcontext():
+            u_rows, u_starts, recon, kinds = b.understanding()
+            cap = pt.lm_loss(m, u_rows, u_starts, eng.ids.pad, vqm.to_pixels(recon))
+            rows, starts, rc = b.curriculum_yes_no(pt.curriculum_shapes(step, r))
+            yn = pt.lm_loss(m, rows, starts, eng.ids.pad, vqm.to_pixels(rc))
+            loss = yn + 0.5 * cap
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
         if (step + 1) % (STEPS // 6) == 0:
             acc = pt.yes_no_eval(eng, ev)["accuracy"]
             hist.append({"step": step + 1, "acc": acc, "cap": round(cap.item(), 3), "yn": round(yn.item(), 3), "s": round(time.time() - t0, 1)})
-            print(vg, hist[-1], flush=True)
-    out[vg] = hist
-    json.dump(out, open(Path("/tmp/exp").mkdir(parents=True, exist_ok=True) or "/tmp/exp/bf16-ab.json", "w"), indent=1)
+            print(arm, hist[-1], flush=True)
+    out[arm] = hist
+    json.dump(out, open(OUT, "w"), indent=1)

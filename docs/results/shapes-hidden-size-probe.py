@@ -16,8 +16,8 @@ import torch
 torch.set_num_threads(2)
 from transformers import JanusForConditionalGeneration
 from ospo.engine import Engine
-from ospo.tiny import tiny_config, make_processor
-from ospo.shapes import pretrain as pt, vq as vqm, world as w
+from ospo.tiny import make_processor
+from ospo.shapes import pretrain as pt, vq as vqm
 
 base = Engine.load(path="shapes:")
 tok = base.tokenizer
@@ -25,8 +25,7 @@ arms = {}
 for hidden in (128, 192):   # heads = hidden // 32 must divide by kv_heads (2)
     r = dataclasses.replace(pt.Recipe(), gen_pool=64, und_pool=64, hidden=hidden, heads=hidden // 32)
     torch.manual_seed(0)
-    cfg = tiny_config(tok, hidden=r.hidden, layers=r.layers, heads=r.heads, kv_heads=r.kv_heads, grid=w.GRID,
-                      codebook=r.codebook, vq_channels=r.vq_channels, vq_levels=r.vq_levels, vision_layers=r.vision_layers)
+    cfg = pt.model_config(r, tok)
     m = JanusForConditionalGeneration(cfg)
     m.model.vqmodel.load_state_dict(base.model.model.vqmodel.state_dict())
     eng = Engine(m, make_processor(tok, cfg), path="x", device=torch.device("cpu"), dtype=torch.float32)
