@@ -147,14 +147,17 @@ def test_presence_questions_are_true_exactly_when_the_image_holds_the_shape():
     assert pt.presence_question(rng, dets, ("circle", "triangle"), True) == "Is there a circle?"
 
 
+# a recipe small enough to build in seconds (each test sets its evaluation and phase-2 length)
+TINY_RECIPE = dict(steps=3, hidden=32, layers=2, heads=2, kv_heads=1, vq_steps=2, gen_rows=4, yes_no_rows=4,
+                   caption_rows=2, text_rows=4, gen_pool=12, und_pool=8, yn_stage_steps=1, yn_rows=4)
+
+
 def test_recipe_runs_tiny_and_saves_a_loadable_checkpoint(tmp_path):
     from transformers import JanusForConditionalGeneration
 
     from ospo.engine import Engine
 
-    small = dict(steps=3, hidden=32, layers=2, heads=2, kv_heads=1, vq_steps=2, gen_rows=4, yes_no_rows=4,
-                 caption_rows=2, text_rows=4, eval_yes_no=6, eval_text=3, eval_every=2, gen_pool=12, und_pool=8,
-                 yn_stage_steps=1, yn_full_steps=1, yn_rows=4, yn_text_every=3)
+    small = dict(TINY_RECIPE, eval_yes_no=6, eval_text=3, eval_every=2, yn_full_steps=1, yn_text_every=3)
     out = tmp_path / "ck"
     res = pt.build(out, pt.Recipe(**small), vq_cache=tmp_path / "vqc", progress=False, threads=1)
     assert res["recipe_hash"] == pt.recipe_hash(pt.Recipe(**small))
@@ -227,3 +230,33 @@ def test_shipped_checkpoint_was_built_by_this_recipe():
     assert meta["recipe"] == pt.dataclasses.asdict(pt.Recipe()), "Recipe defaults changed: rebuild the checkpoint"
     assert meta["recipe_hash"] == pt.recipe_hash(pt.Recipe()), "recipe code changed: rebuild the checkpoint"
     assert (ck / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_phase1_snapshot_resumes_to_the_weights_of_a_continuous_run(tmp_path):
+    """--phase1 DIR: the first build writes phase 1's model and data stream, a second one
+    resumes there (skipping phase 1) and ends with the weights the continuous run ended
+    with; another phase-2 setting resumes too, another phase-1 setting is refused."""
+    from safetensors.torch import load_file
+
+    small = dict(TINY_RECIPE, eval_yes_no=4, eval_text=2, eval_every=0, yn_full_steps=2)
+    snap = tmp_path / "p1"
+    kw = dict(vq_cache=tmp_path / "vqc", progress=False, evaluate=False, threads=1, phase1=snap)
+    first = pt.build(tmp_path / "a", pt.Recipe(**small), **kw)
+    assert (snap / "phase1.pt").exists() and first["phase1"]["resumed"] is False
+    again = pt.build(tmp_path / "b", pt.Recipe(**small), **kw)
+    assert again["phase1"]["resumed"] is True and again["recipe_hash"] == first["recipe_hash"]
+    assert again["seconds"]["yes_no_curriculum"] > 0   # timed from its own start, not from phase 1's record
+    assert again["lm_history"] == first["lm_history"]   # phase 1's record, carried by the snapshot
+
+    def untimed(history):   # the wall clock differs between two runs; every loss and rate must not
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    assert untimed(again["yes_no_history"]) == untimed(first["yes_no_history"])
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
+    other = pt.build(tmp_path / "c", pt.Recipe(**dict(small, yn_lr=1e-3)), **kw)
+    assert other["phase1"]["resumed"] is True and other["lm_history"] == first["lm_history"]
+    assert untimed(other["yes_no_history"]) != untimed(first["yes_no_history"])
+    with pytest.raises(SystemExit, match="another recipe"):
+        pt.build(tmp_path / "d", pt.Recipe(**dict(small, steps=2)), **kw)
+    assert not (tmp_path / "d").exists()

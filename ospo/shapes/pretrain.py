@@ -157,12 +157,14 @@ class Recipe:
     # yes_no_question, with yn_shape_frac of presence questions kept, for yn_full_steps
     # (measured from the 2,500-step model with generation rows every 2nd step: held-out
     # yes/no 0.64 after the three stages, 0.735 / 0.78 / 0.81 / 0.775 after 225 / 450 / 525 /
-    # 600 full-mix steps, still rising, hence 1,200). Generation rows join every
+    # 600 full-mix steps, still rising: 1,200, then 1,500, below). Generation rows join every
     # yn_gen_every-th step, text rows every yn_text_every-th (0: never): without text rows
     # the same run unlearned the stage jobs (objects named exactly 97.5% -> 35%,
     # densifications accepted 70% -> 0%), so they join every step as in the joint phase.
     yn_stage_steps: int = 150
-    yn_full_steps: int = 1200
+    # 1,500 since 2026-12-07: from one phase 1 (--phase1), 1,200 full-mix steps ended at 0.7825
+    # on the recipe's held-out questions, 1,500 at 0.83 (docs/results/shapes-recipe-2026-12-07-build.json).
+    yn_full_steps: int = 1500
     yn_rows: int = 48
     yn_lr: float = 3e-4
     yn_shape_frac: float = 0.25
@@ -183,11 +185,21 @@ class Recipe:
 def recipe_hash(recipe: Recipe) -> str:
     """Settings + the source of every module that shapes the data, the model or the
     training: a checkpoint carries the hash of the recipe that made it."""
+    return _hash(dataclasses.asdict(recipe))
+
+
+def phase1_hash(recipe: Recipe) -> str:
+    """:func:`recipe_hash` without phase 2's settings (``yn_*``): what a phase-1 snapshot
+    (``--phase1``) must match to be resumed under another phase-2 setting."""
+    return _hash({k: v for k, v in dataclasses.asdict(recipe).items() if not k.startswith("yn_")})
+
+
+def _hash(settings: dict) -> str:
     from ospo import engine, templates, tiny, understanding
     from ospo.shapes import evaluate as ev
     from ospo.shapes import packing
 
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for mod in (sys.modules[__name__], packing, tasks, vqm, w, gr, templates, tiny, understanding, engine):
         h.update(Path(mod.__file__).read_bytes())
     # the evaluator labels the yes/no data: its detection part (not its reporting) counts
@@ -755,8 +767,14 @@ def init_generation_inputs(model) -> float:
 
 
 def build(out: str | os.PathLike, recipe: Recipe | None = None, *, vq_cache: Path | None = None,
-          progress: bool = True, evaluate: bool = True, threads: int = 2) -> dict:
-    """Run the whole recipe and write the checkpoint to ``out``. Returns ``recipe.json``'s dict."""
+          progress: bool = True, evaluate: bool = True, threads: int = 2,
+          phase1: str | os.PathLike | None = None) -> dict:
+    """Run the whole recipe and write the checkpoint to ``out``. Returns ``recipe.json``'s dict.
+
+    ``phase1``: a directory for the phase-1 snapshot (:func:`save_phase1`): written after
+    phase 1 when absent, resumed from (phase 1 skipped) when present, so one phase-1 run
+    (over half of the recipe's time) serves several phase-2 settings. Resuming gives the
+    weights a continuous run gives (tests/test_shapes_pretrain.py), at the same thread count."""
     from transformers import JanusForConditionalGeneration
 
     from ospo.engine import Engine
@@ -782,14 +800,24 @@ def build(out: str | os.PathLike, recipe: Recipe | None = None, *, vq_cache: Pat
           file=sys.stderr)
     engine = Engine(model, make_processor(tok, config), path=str(out), device=torch.device("cpu"), dtype=torch.float32)
     batcher = Batcher(engine, model.model.vqmodel, recipe, progress=progress)
-    stats = train_lm(engine, model.model.vqmodel, recipe, progress=progress, batcher=batcher)
-    t_lm = time.perf_counter() - t0 - t_vq
+    snap = Path(phase1) / "phase1.pt" if phase1 else None
+    if snap is not None and snap.exists():
+        stats = load_phase1(snap, recipe, model, batcher)
+        t_lm = stats["seconds"] + (time.perf_counter() - t0 - t_vq)   # the run that made it + this pool
+        print(f"[pretrain] phase 1: resumed from {snap} (made in {stats['seconds']} s)", file=sys.stderr)
+    else:
+        stats = train_lm(engine, model.model.vqmodel, recipe, progress=progress, batcher=batcher)
+        t_lm = time.perf_counter() - t0 - t_vq
+        if snap is not None:
+            save_phase1(snap, recipe, model, batcher, stats)
+    t2 = time.perf_counter()
     yn_stats = train_yes_no(engine, model.model.vqmodel, recipe, batcher, progress=progress)
-    t_yn = time.perf_counter() - t0 - t_vq - t_lm
+    t_yn = time.perf_counter() - t2
     result = {"recipe_hash": recipe_hash(recipe), "vq_hash": vq_hash(recipe), "recipe": dataclasses.asdict(recipe),
               "parameters": n_params, "vocab": len(tok),
               "seconds": {"vq": round(t_vq, 1), "lm": round(t_lm, 1), "yes_no_curriculum": round(t_yn, 1)},
               "vq": {k: v for k, v in vq_stats.items() if k != "history"},
+              "phase1": {"hash": phase1_hash(recipe), "resumed": stats.get("resumed", False)},
               "lm_history": stats["history"], "yes_no_history": yn_stats["history"], "command": " ".join(["python -m ospo.shapes.pretrain"] + ([] if Path(out).resolve() == PACKAGED else [f"--out {out}"])
                                 + [f"--set {k}={v}" for k, v in dataclasses.asdict(recipe).items()
                                    if v != getattr(Recipe(), k)])}
@@ -811,6 +839,31 @@ def build(out: str | os.PathLike, recipe: Recipe | None = None, *, vq_cache: Pat
     os.replace(tmp, out)
     print(f"[pretrain] wrote {out} ({result['seconds']})", file=sys.stderr)
     return result
+
+
+def save_phase1(path: Path, recipe: Recipe, model, batcher: "Batcher", stats: dict) -> None:
+    """The model after phase 1 (float32), the data stream's state and phase 1's record,
+    keyed by :func:`phase1_hash`; written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"phase1_hash": phase1_hash(recipe), "model": model.state_dict(),
+                "rng": batcher.rng.getstate(), "stats": stats}, tmp)
+    os.replace(tmp, path)
+    print(f"[pretrain] phase 1: snapshot written to {path}", file=sys.stderr)
+
+
+def load_phase1(path: Path, recipe: Recipe, model, batcher: "Batcher") -> dict:
+    """Restore :func:`save_phase1`'s model and data stream; a snapshot of other phase-1
+    settings or code is refused (never silently trained on)."""
+    snap = torch.load(path, map_location="cpu", weights_only=True)
+    if snap.get("phase1_hash") != phase1_hash(recipe):
+        raise SystemExit(f"ospo: error: {path} holds phase 1 of another recipe (hash {snap.get('phase1_hash')}, "
+                         f"this recipe's phase 1 is {phase1_hash(recipe)}): point --phase1 elsewhere or remove it")
+    model.load_state_dict(snap["model"])
+    v, state, gauss = snap["rng"]
+    batcher.rng.setstate((v, tuple(state), gauss))
+    model.eval()
+    return dict(snap["stats"], resumed=True)
 
 
 class _PeakRSS:
@@ -843,6 +896,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="recipe settings (see Recipe); may be given more than once")
     ap.add_argument("--vq-cache", default=None, help="where trained VQs are cached (default: ~/.cache/ospo)")
+    ap.add_argument("--phase1", default=None, metavar="DIR",
+                    help="phase-1 snapshot: written here after phase 1, or resumed from here when it holds "
+                         "this recipe's phase 1 (phase-2 settings may differ)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when other work shares the cores)")
     return ap
@@ -851,7 +907,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     recipe = Recipe(**_parse_set(a.set))
-    return build(a.out, recipe, vq_cache=Path(a.vq_cache) if a.vq_cache else None, evaluate=not a.no_eval, threads=a.threads)
+    return build(a.out, recipe, vq_cache=Path(a.vq_cache) if a.vq_cache else None, evaluate=not a.no_eval, threads=a.threads,
+                 phase1=a.phase1)
 
 
 if __name__ == "__main__":
