@@ -24,6 +24,9 @@ T_FIX = int(sys.argv[1]) if len(sys.argv) > 1 else 112
 
 
 def loss_fn(m, rows, starts, pv):
+    """pretrain.lm_loss, but padded to the fixed T_FIX (lm_loss pads to the longest row, which
+    would recompile per length); lm_loss itself is not given a length argument because any
+    edit to pretrain.py changes the shipped checkpoint's recipe hash."""
     T = T_FIX
     B = len(rows)
     ids = torch.full((B, T), pad, dtype=torch.long)
