@@ -92,3 +92,17 @@ def test_pretrain_bench_times_both_layouts_and_checks_the_loss(tmp_path):
     assert all(v > 0 for v in res["seconds_median"].values()) and all(v > 0 for v in res["speedup"].values())
     # packed rows, buckets and packed text sequences give the separate rows' loss (a wrong mask or position would not)
     assert res["loss_rel_diff_max"]["yes_no"] < 1e-4 and res["loss_rel_diff_max"]["text"] < 1e-4
+
+
+def test_malloc_bench_runs_each_allocator_in_its_own_process(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_malloc
+
+    out = tmp_path / "m.json"
+    res = bench_malloc.main(["--steps", "2", "--pool", "4", "--rounds", "1", "--threads", "1",
+                             "--preload", str(tmp_path / "missing.so"), "--json", str(out)])
+    assert json.loads(out.read_text()) == res
+    assert set(res["median"]) == {"glibc_default", "glibc_tuned"}   # a library that is not there is skipped
+    assert all(v > 0 for m in res["median"].values() for v in m.values())
+    # the allocator must not change the math: both processes end at the same losses
+    assert res["same_losses"] and res["final_losses"]["glibc_tuned"]["phase2"]["yes_no"] > 0
