@@ -52,6 +52,35 @@ def presence_eval_set(recipe, vq, shapes, n):
     return [(r, q, t) for r, (q, t) in zip(recon, qs)]
 
 
+def curriculum_understanding(batcher, engine, recipe, stage_recipe, und_k):
+    """A stand-in for ``batcher.understanding``: the recipe's caption rows, with its yes/no rows
+    drawn from the presence curriculum (:meth:`Batcher.curriculum_yes_no`) at understanding
+    step ``und_k[0]`` (counted up by each call) of ``stage_recipe``'s stages."""
+    from ospo.understanding import image_chat_ids
+
+    tok = engine.tokenizer
+
+    def understanding():
+        shapes = pt.curriculum_shapes(und_k[0], stage_recipe)
+        und_k[0] += 1
+        b = batcher
+        b.r = stage_recipe
+        rows, starts, recon = b.curriculum_yes_no(shapes)
+        b.r = recipe
+        recon = list(recon)
+        for _ in range(recipe.caption_rows):
+            i = b.rng.randrange(recipe.und_pool)
+            head = image_chat_ids(engine, pt.CAPTION_TEXT)
+            ans = tok(" " + pt.gr.describe(pt.full_scene(b.und_layouts[i]), b.rng), add_special_tokens=False)["input_ids"]
+            rows.append(head + ans + [engine.ids.eos])
+            starts.append(len(head))
+            recon.append(b.und_recon[i])
+        kinds = ["yes_no"] * recipe.yes_no_rows + ["caption"] * recipe.caption_rows
+        return rows, starts, np.stack(recon), kinds
+
+    return understanding
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vq-cache", required=True)
@@ -92,28 +121,7 @@ def main() -> None:
 
     stage_recipe = dataclasses.replace(recipe, yn_stage_steps=a.stage_und, yn_rows=recipe.yes_no_rows)
     und_k = [0]
-
-    def understanding():
-        # the recipe's captions, the curriculum's yes/no rows in place of the full mix
-        from ospo.understanding import image_chat_ids
-
-        shapes = pt.curriculum_shapes(und_k[0], stage_recipe)
-        und_k[0] += 1
-        b = batcher
-        b.r = stage_recipe
-        rows, starts, recon = b.curriculum_yes_no(shapes)
-        b.r = recipe
-        recon = list(recon)
-        for _ in range(recipe.caption_rows):
-            i = b.rng.randrange(recipe.und_pool)
-            head = image_chat_ids(engine, pt.CAPTION_TEXT)
-            ans = tok(" " + pt.gr.describe(pt.full_scene(b.und_layouts[i]), b.rng), add_special_tokens=False)["input_ids"]
-            rows.append(head + ans + [engine.ids.eos])
-            starts.append(len(head))
-            recon.append(b.und_recon[i])
-        kinds = ["yes_no"] * recipe.yes_no_rows + ["caption"] * recipe.caption_rows
-        return rows, starts, np.stack(recon), kinds
-
+    understanding = curriculum_understanding(batcher, engine, recipe, stage_recipe, und_k)
     batcher.understanding = understanding
     curve = []
     model.train()

@@ -86,25 +86,7 @@ def main() -> None:
     und_k = [0]
     plain_understanding = batcher.understanding
 
-    def tail_understanding():
-        from ospo.understanding import image_chat_ids
-
-        shapes = pt.curriculum_shapes(und_k[0], stage_recipe)
-        und_k[0] += 1
-        b = batcher
-        b.r = stage_recipe
-        rows, starts, recon = b.curriculum_yes_no(shapes)
-        b.r = recipe
-        recon = list(recon)
-        for _ in range(recipe.caption_rows):
-            i = b.rng.randrange(recipe.und_pool)
-            head = image_chat_ids(engine, pt.CAPTION_TEXT)
-            ans = tok(" " + pt.gr.describe(pt.full_scene(b.und_layouts[i]), b.rng), add_special_tokens=False)["input_ids"]
-            rows.append(head + ans + [engine.ids.eos])
-            starts.append(len(head))
-            recon.append(b.und_recon[i])
-        kinds = ["yes_no"] * recipe.yes_no_rows + ["caption"] * recipe.caption_rows
-        return rows, starts, np.stack(recon), kinds
+    tail_understanding = trial1.curriculum_understanding(batcher, engine, recipe, stage_recipe, und_k)
 
     # phase 1: train_lm's loop, the understanding rows switched at the tail
     for p in model.model.vqmodel.parameters():
