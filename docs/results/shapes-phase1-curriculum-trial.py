@@ -81,6 +81,35 @@ def curriculum_understanding(batcher, engine, recipe, stage_recipe, und_k):
     return understanding
 
 
+def fresh_model(recipe, vq_cache, path: str):
+    """The VQ, a freshly initialised model and its engine, set up as ``pt.build`` does (2
+    threads, the recipe's seed, generation inputs initialised, the trained VQ loaded)."""
+    from transformers import JanusForConditionalGeneration
+
+    from ospo.engine import Engine
+    from ospo.tiny import make_processor
+
+    torch.set_num_threads(2)
+    tok = pt.build_world_tokenizer(recipe)
+    vq, _ = pt.train_or_load_vq(recipe, Path(vq_cache), False)
+    torch.manual_seed(recipe.seed)
+    config = pt.model_config(recipe, tok)
+    model = JanusForConditionalGeneration(config)
+    pt.init_generation_inputs(model)
+    model.model.vqmodel.load_state_dict(vq.state_dict())
+    model.model.vqmodel.eval()
+    engine = Engine(model, make_processor(tok, config), path=path, device=torch.device("cpu"), dtype=torch.float32)
+    return vq, model, engine
+
+
+def eval_sets(recipe, vq, n: int) -> dict:
+    """The held-out sets every evaluation scores: "Is there a circle?", presence of any
+    shape (both balanced), and the recipe's yes/no mix."""
+    return {"circle": presence_eval_set(recipe, vq, ("circle",), n),
+            "presence": presence_eval_set(recipe, vq, tuple(w.SHAPES), n),
+            "full": pt.yes_no_eval_set(recipe, n, vq)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vq-cache", required=True)
@@ -91,33 +120,16 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny pools and steps: checks the plumbing")
     a = ap.parse_args()
 
-    from transformers import JanusForConditionalGeneration
-
-    from ospo.engine import Engine
-    from ospo.tiny import make_processor
-
     recipe = pt.Recipe()
     n_eval = 200
     if a.smoke:
         recipe = dataclasses.replace(recipe, gen_pool=40, und_pool=200)
         n_eval = 16
-    torch.set_num_threads(2)
-    tok = pt.build_world_tokenizer(recipe)
-    vq, _ = pt.train_or_load_vq(recipe, Path(a.vq_cache), False)
-    torch.manual_seed(recipe.seed)
-    config = pt.model_config(recipe, tok)
-    model = JanusForConditionalGeneration(config)
-    pt.init_generation_inputs(model)
-    model.model.vqmodel.load_state_dict(vq.state_dict())
-    model.model.vqmodel.eval()
-    engine = Engine(model, make_processor(tok, config), path="/tmp/phase1-curriculum-trial",
-                    device=torch.device("cpu"), dtype=torch.float32)
+    vq, model, engine = fresh_model(recipe, a.vq_cache, "/tmp/phase1-curriculum-trial")
     t_pool = time.perf_counter()
     batcher = pt.Batcher(engine, model.model.vqmodel, recipe, progress=False)
     t_pool = time.perf_counter() - t_pool
-    sets = {"circle": presence_eval_set(recipe, vq, ("circle",), n_eval),
-            "presence": presence_eval_set(recipe, vq, tuple(w.SHAPES), n_eval),
-            "full": pt.yes_no_eval_set(recipe, n_eval, vq)}
+    sets = eval_sets(recipe, vq, n_eval)
 
     stage_recipe = dataclasses.replace(recipe, yn_stage_steps=a.stage_und, yn_rows=recipe.yes_no_rows)
     und_k = [0]

@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ospo.shapes import pretrain as pt
 from ospo.shapes import vq as vqm
-from ospo.shapes import world as w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from importlib import import_module
@@ -52,34 +51,17 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny pools and steps: checks the plumbing")
     a = ap.parse_args()
 
-    from transformers import JanusForConditionalGeneration
-
-    from ospo.engine import Engine
-    from ospo.tiny import make_processor
-
     recipe = pt.Recipe()
     n_eval = 200
     if a.smoke:
         recipe = dataclasses.replace(recipe, gen_pool=40, und_pool=200, steps=12, warmup=2, eval_every=4,
                                      eval_yes_no=16)
         n_eval = 16
-    torch.set_num_threads(2)
-    tok = pt.build_world_tokenizer(recipe)
-    vq, _ = pt.train_or_load_vq(recipe, Path(a.vq_cache), False)
-    torch.manual_seed(recipe.seed)
-    config = pt.model_config(recipe, tok)
-    model = JanusForConditionalGeneration(config)
-    pt.init_generation_inputs(model)
-    model.model.vqmodel.load_state_dict(vq.state_dict())
-    model.model.vqmodel.eval()
-    engine = Engine(model, make_processor(tok, config), path="/tmp/phase1-tail-trial",
-                    device=torch.device("cpu"), dtype=torch.float32)
+    vq, model, engine = trial1.fresh_model(recipe, a.vq_cache, "/tmp/phase1-tail-trial")
     t_start = time.perf_counter()
     batcher = pt.Batcher(engine, model.model.vqmodel, recipe, progress=False)
     t_pool = time.perf_counter() - t_start
-    sets = {"circle": trial1.presence_eval_set(recipe, vq, ("circle",), n_eval),
-            "presence": trial1.presence_eval_set(recipe, vq, tuple(w.SHAPES), n_eval),
-            "full": pt.yes_no_eval_set(recipe, n_eval, vq)}
+    sets = trial1.eval_sets(recipe, vq, n_eval)
 
     tail_und = (recipe.steps - a.tail_start + 1) // 2
     stage_recipe = dataclasses.replace(recipe, yn_stage_steps=-(-tail_und // 3), yn_rows=recipe.yes_no_rows)

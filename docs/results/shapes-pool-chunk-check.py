@@ -1,18 +1,21 @@
 # python docs/results/shapes-pool-chunk-check.py (needs the cached VQ: ~/.cache/ospo/vq)
 # Do the pool's 32-image VQ passes give the 128-image passes' tokens and uint8 reconstructions?
-import random, sys
+import random
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(1)
-from ospo.shapes import pretrain as pt, world as w
+from ospo.shapes import pretrain as pt
+from ospo.shapes import vq as vqm
 r = pt.Recipe()
 vq, _ = pt.train_or_load_vq(r, Path.home() / ".cache/ospo/vq", progress=False)
 rng = random.Random(7)
-imgs, _ = __import__("ospo.shapes.vq", fromlist=["x"]).scene_batch(rng, 256)
+imgs, _ = vqm.scene_batch(rng, 256)
 def passes(chunk):
     rec = np.concatenate([pt.reconstruct(vq, imgs[a:a + chunk]) for a in range(0, len(imgs), chunk)])
-    b = pt.Batcher.__new__(pt.Batcher); b.vq = vq
-    tok = torch.cat([pt.Batcher.vq_tokens(b, imgs[a:a + chunk]) for a in range(0, len(imgs), chunk)])
+    # Batcher.vq_tokens, the pool's own encoding, without building a whole pool
+    b = pt.Batcher.__new__(pt.Batcher)
+    b.vq = vq
+    tok = torch.cat([b.vq_tokens(imgs[a:a + chunk]) for a in range(0, len(imgs), chunk)])
     return rec, tok
 r32, t32 = passes(32); r128, t128 = passes(128)
 diff = r32.astype(int) - r128.astype(int)
